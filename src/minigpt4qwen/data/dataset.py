@@ -1,0 +1,115 @@
+"""Training dataset: annotation files -> encoded conversations + preprocessed images, and a resumable sampler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..config import DataConfig
+from .conversation import ChatTemplate, OverlongError
+from .formats import BadSampleError, Sample, load_annotations
+from .images import ImageError, ImageProcessor, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    skipped_rows: int = 0
+    truncated: int = 0
+    skipped_images: int = 0
+    overlong: int = 0
+
+
+class InstructionDataset(Dataset):
+    """Mix of annotation files; item = dict(input_ids, labels, pixel_values, source) or None when skipped."""
+
+    def __init__(
+        self, specs, template: ChatTemplate, processor: ImageProcessor, data_cfg: DataConfig, seed: int = 0
+    ) -> None:
+        self.template = template
+        self.processor = processor
+        self.max_txt_len = data_cfg.max_txt_len
+        self.on_bad = data_cfg.on_bad_sample
+        self.seed = seed
+        self.epoch = 0
+        self.stats = DataStats()
+        self.samples: list[Sample] = []
+        for spec in specs:
+            samples, skipped = load_annotations(spec.path, spec.image_root, spec.format, self.on_bad)
+            self.samples += samples
+            self.stats.skipped_rows += len(skipped)
+            for line in skipped[:5]:
+                log.warning("skipped: %s", line)
+        self.stats.rows = len(self.samples)
+        if not self.samples:
+            raise BadSampleError("no usable samples in " + ", ".join(str(s.path) for s in specs))
+        missing = [(s.source, p) for s in self.samples for p in s.images if not p.is_file()]
+        if missing:
+            src, p = missing[0]
+            msg = f"{len(missing)} image file(s) missing, first: {p} ({src}); check image_root"
+            if self.on_bad != "skip":
+                raise ImageError(msg + " or set data.on_bad_sample=skip")
+            log.warning("%s; those samples are skipped", msg)
+            bad = {id(s) for s in self.samples if any(not p.is_file() for p in s.images)}
+            self.samples = [s for s in self.samples if id(s) not in bad]
+            self.stats.skipped_images += len(bad)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.samples[index]
+        try:
+            enc = self.template.encode(sample.turns, self.max_txt_len)
+            # one generator per (seed, epoch, index): the same crops whatever the worker count or resume point
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            pixels = [self.processor(load_image(sample.images[i]), gen) for i in enc.kept_images]
+        except (ImageError, OverlongError) as exc:
+            if self.on_bad != "skip":
+                raise type(exc)(f"{sample.source}: {exc} (or set data.on_bad_sample=skip)") from None
+            log.warning("skipping %s: %s", sample.source, exc)
+            return None
+        return {
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "pixel_values": torch.stack(pixels) if pixels else None,
+            "truncated": enc.truncated,
+            "source": sample.source,
+        }
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded permutation per epoch, sharded over ranks, that can start at any position (for exact resume)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """`start` = samples of this rank's shard already consumed."""
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        per_rank = len(perm) // self.world_size if self.world_size > 1 else len(perm)
+        return perm[self.rank : per_rank * self.world_size : self.world_size]
+
+    def __iter__(self):
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return len(self.order()) - self.start

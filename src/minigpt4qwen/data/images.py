@@ -1,0 +1,98 @@
+"""BLIP-2 image preprocessing with Pillow + torch (torchvision does not install beside the CPU torch build).
+
+train: RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic) + horizontal flip, as LAVIS'
+`blip2_image_train`; eval: resize to size x size, bicubic. Both then scale to [0, 1] and normalise with CLIP's
+mean/std. Randomness comes from an explicit torch.Generator so that a resumed run draws the same crops.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An image file that is missing or cannot be decoded."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image {path} not found; check the image root of its annotation file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageError(f"image {path} cannot be decoded ({exc}); replace or remove the file") from None
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=gen).item()
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], gen: torch.Generator
+) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a crop as torchvision's RandomResizedCrop.get_params draws it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(gen, *scale)
+        aspect = math.exp(_uniform(gen, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen).item())
+            return left, top, w, h
+    in_ratio = width / height  # fallback: central crop at the nearest allowed aspect ratio
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (arr - mean) / std
+
+
+class ImageProcessor:
+    """Callable: PIL image -> normalised (3, size, size) float tensor."""
+
+    def __init__(
+        self, size: int = 224, train: bool = False, crop_scale_min: float = 0.5, hflip: bool = True,
+        random_resized_crop: bool = True,
+    ) -> None:
+        self.size = size
+        self.train = train
+        self.scale = (crop_scale_min, 1.0)
+        self.hflip = hflip
+        self.random_resized_crop = random_resized_crop
+
+    def __call__(self, img: Image.Image, gen: torch.Generator | None = None) -> torch.Tensor:
+        s = self.size
+        if self.train and self.random_resized_crop:
+            gen = gen if gen is not None else torch.Generator().manual_seed(0)
+            left, top, w, h = random_resized_crop_box(img.width, img.height, self.scale, (3 / 4, 4 / 3), gen)
+            img = img.resize((s, s), Image.BICUBIC, box=(left, top, left + w, top + h))
+        else:
+            img = img.resize((s, s), Image.BICUBIC)
+        if self.train and self.hflip:
+            gen = gen if gen is not None else torch.Generator().manual_seed(0)
+            if torch.rand((), generator=gen).item() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(img)

@@ -1,0 +1,32 @@
+"""EVA ViT-g as transformers' Blip2VisionModel; `post_layernorm` plays BLIP-2's `ln_vision`."""
+
+from __future__ import annotations
+
+from transformers import Blip2VisionConfig, Blip2VisionModel
+
+VISION_PRESETS: dict[str, dict] = {
+    # BLIP-2's EVA ViT-g/14: the first 39 of EVA's 40 blocks, 224 px
+    "eva-vit-g": dict(
+        hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+        image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True,
+    ),
+    # the offline demo's small ViT (trained by the demo itself: no pretrained ViT is available offline)
+    "demo": dict(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        image_size=64, patch_size=16, layer_norm_eps=1e-6, qkv_bias=True,
+    ),
+    "tiny": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True,
+    ),
+}
+
+
+def vision_config(preset: str) -> Blip2VisionConfig:
+    if preset not in VISION_PRESETS:
+        raise ValueError(f"unknown vision preset {preset!r}; choose one of {', '.join(VISION_PRESETS)}")
+    return Blip2VisionConfig(**VISION_PRESETS[preset], attention_dropout=0.0)
+
+
+def build_vision(preset: str) -> Blip2VisionModel:
+    return Blip2VisionModel(vision_config(preset))

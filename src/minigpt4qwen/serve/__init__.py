@@ -1,0 +1,1 @@
+"""minigpt4qwen."""

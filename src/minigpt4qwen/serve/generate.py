@@ -1,0 +1,152 @@
+"""One generation path for CLI chat, web UI, API and evaluation: prompt -> embeddings -> HF generate (streaming).
+
+Batches are left-padded in embedding space, so many conversations (each with its own images) decode together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from ..config import Config, load_config
+from ..data.conversation import ChatTemplate, Turn
+from ..data.images import ImageProcessor, load_image
+from ..models.minigpt4qwen import MiniGPT4Qwen, build_model
+from ..train.checkpoint import latest_checkpoint, load_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    num_return_sequences: int = 1
+
+    def kwargs(self) -> dict:
+        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams,
+                  repetition_penalty=self.repetition_penalty, num_return_sequences=self.num_return_sequences)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kw
+
+
+class Assistant:
+    """A loaded model ready to answer: the same template, image preprocessing and generate call everywhere."""
+
+    def __init__(self, model: MiniGPT4Qwen, tokenizer, template: ChatTemplate, processor: ImageProcessor,
+                 max_txt_len: int = 2048) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.processor = processor
+        self.max_txt_len = max_txt_len
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str | None = None, max_txt_len: int | None = None) -> "Assistant":
+        """Load a training run directory (its config + newest checkpoint) or one checkpoint directory."""
+        path = Path(run_dir)
+        run = path if (path / "config.yaml").is_file() else path.parent.parent
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir}: no config.yaml; pass a run directory written by `minigpt4qwen train`")
+        cfg: Config = load_config(run / "config.yaml")
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint yet (checkpoints/step-*/trainable.safetensors)")
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if (run / "tokenizer").is_dir():
+            cfg.model.tokenizer = str(run / "tokenizer")
+        built = build_model(cfg.model, dev)
+        built.model.load_partial(load_weights(ckpt), str(ckpt))
+        log.info("loaded %s", ckpt)
+        from ..train.loop import image_size, make_template
+
+        template = make_template(cfg, built.tokenizer, built.model.image_token_id)
+        processor = ImageProcessor(image_size(cfg, built.model), train=False)
+        return cls(built.model, built.tokenizer, template, processor, max_txt_len or max(cfg.data.max_txt_len, 1024))
+
+    # ------------------------------------------------------------------ inputs
+
+    def _pixels(self, images: list) -> list[torch.Tensor]:
+        out = []
+        for img in images:
+            img = img if isinstance(img, Image.Image) else load_image(img)
+            out.append(self.processor(img.convert("RGB")))
+        return out
+
+    @torch.inference_mode()
+    def prepare(self, conversations: list[list[Turn]], images: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded (inputs_embeds, attention_mask) for a batch of conversations ending with a user turn."""
+        ids, pixels = [], []
+        for turns, imgs in zip(conversations, images):
+            enc = self.template.encode(turns, self.max_txt_len, add_generation_prompt=True)
+            if max(enc.kept_images, default=-1) >= len(imgs):
+                raise ValueError(f"the conversation refers to {enc.num_images} image(s) but {len(imgs)} were given")
+            ids.append(enc.input_ids)
+            pixels += self._pixels([imgs[i] for i in enc.kept_images])
+        dev = self.model.device
+        length = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), length), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(ids), length), dtype=torch.long, device=dev)
+        for i, x in enumerate(ids):
+            input_ids[i, length - len(x):] = torch.tensor(x, device=dev)
+            mask[i, length - len(x):] = 1
+        pv = torch.stack(pixels).to(dev) if pixels else None
+        embeds = self.model.inputs_embeds(input_ids, pv)
+        return embeds, mask
+
+    def _generate_kwargs(self, conversations, images, settings: GenerationSettings) -> dict:
+        embeds, mask = self.prepare(conversations, images)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.template.stop_token_ids[0]
+        return dict(inputs_embeds=embeds, attention_mask=mask, eos_token_id=self.template.stop_token_ids,
+                    pad_token_id=pad, **settings.kwargs())
+
+    # ------------------------------------------------------------------ outputs
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[list[Turn]], images: list[list],
+                 settings: GenerationSettings | None = None) -> list[str]:
+        """Answers for a batch (num_return_sequences answers per conversation, in order)."""
+        settings = settings or GenerationSettings()
+        with self.lock:
+            out = self.model.llm.generate(**self._generate_kwargs(conversations, images, settings))
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def stream(self, turns: list[Turn], images: list, settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield text pieces of one answer as they are generated."""
+        settings = settings or GenerationSettings()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        kwargs = self._generate_kwargs([turns], [images], settings)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with self.lock, torch.inference_mode():
+                    self.model.llm.generate(**kwargs, streamer=streamer)
+            except BaseException as exc:  # surfaced in the consumer thread
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
