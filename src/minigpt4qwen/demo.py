@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -38,18 +39,19 @@ CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
 class AttributeHeads(nn.Module):
-    """Stage-1 objective: predict color, shape, count and position from the mean of the query outputs."""
+    """Stage-1 objective: predict color, shape, count and position from all query outputs (concatenated)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, num_queries: int) -> None:
         super().__init__()
+        d = width * num_queries
         self.heads = nn.ModuleDict({
-            "color": nn.Linear(width, len(COLORS)), "shape": nn.Linear(width, len(SHAPES)),
-            "count": nn.Linear(width, 3), "position": nn.Linear(width, 3),
+            "color": nn.Linear(d, len(COLORS)), "shape": nn.Linear(d, len(SHAPES)),
+            "count": nn.Linear(d, 3), "position": nn.Linear(d, 3),
         })
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = feats.mean(1)
-        return {k: h(pooled) for k, h in self.heads.items()}
+        flat = feats.flatten(1)
+        return {k: h(flat) for k, h in self.heads.items()}
 
 
 def _labels(scene) -> dict[str, int]:
@@ -57,15 +59,17 @@ def _labels(scene) -> dict[str, int]:
             "position": {"left": 0, "right": 1, None: 2}[scene.position]}
 
 
-def pretrain_vision(cfg: Config, out: Path, seconds: float, seed: int = 0, batch: int = 64) -> Path:
+def pretrain_vision(cfg: Config, out: Path, seconds: float, seed: int = 0, batch: int = 32) -> Path:
     """Stage 1 on freshly drawn scenes; writes HF-format BLIP-2 weights (vision_model.*, qformer.*, query_tokens)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vision = build_vision(cfg.model.vision)
     qformer, queries = build_qformer(cfg.model.qformer, vision.config.hidden_size, cfg.model.num_query_tokens)
-    heads = AttributeHeads(qformer.config.hidden_size)
+    with torch.no_grad():  # unit-scale position embeddings: a from-scratch ViT then learns left/right in seconds
+        vision.embeddings.position_embedding.normal_(0.0, 0.5)
+    heads = AttributeHeads(qformer.config.hidden_size, cfg.model.num_query_tokens)
     params = [*vision.parameters(), *qformer.parameters(), queries, *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     proc = ImageProcessor(vision.config.image_size, train=False)
 
     def batch_of(n: int):
@@ -81,7 +85,9 @@ def pretrain_vision(cfg: Config, out: Path, seconds: float, seed: int = 0, batch
                              encoder_attention_mask=mask).last_hidden_state)
 
     t0, step = time.time(), 0
-    while time.time() - t0 < seconds:
+    while (elapsed := time.time() - t0) < seconds:
+        for group in opt.param_groups:  # cosine decay over the time budget: the last steps polish the features
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
         pixels, labels = batch_of(batch)
         logits = run(pixels)
         loss = sum(F.cross_entropy(logits[k], labels[k]) for k in logits)

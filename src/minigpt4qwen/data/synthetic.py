@@ -9,7 +9,6 @@ question per row, new images), and mme/ (an MME-layout yes/no split: existence, 
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ COLORS = {
     "purple": (140, 60, 180),
 }
 COUNT_WORDS = ["zero", "one", "two", "three"]
+GRID = 4
 
 
 @dataclass
@@ -55,20 +55,18 @@ def draw_scene(scene: Scene, rng: random.Random, size: int = 96) -> Image.Image:
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
     color = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLORS[scene.color])
-    placed: list[tuple[float, float, float]] = []
-    for _ in range(scene.count):
-        for _attempt in range(200):
-            r = size * rng.uniform(0.11, 0.15)
-            if scene.position == "left":
-                cx = size * rng.uniform(0.18, 0.32)
-            elif scene.position == "right":
-                cx = size * rng.uniform(0.68, 0.82)
-            else:
-                cx = rng.uniform(r + 2, size - r - 2)
-            cy = rng.uniform(r + 2, size - r - 2)
-            if all(math.hypot(cx - x, cy - y) > r + rr + 3 for x, y, rr in placed):
-                break
-        placed.append((cx, cy, r))
+    # objects sit in distinct cells of a 4x4 grid (one ViT patch each at the demo's resolution), jittered a little
+    cell = size / GRID
+    if scene.position:
+        cols = [0, 1] if scene.position == "left" else [2, 3]
+        cells = [(rng.choice(cols), rng.randrange(GRID))]
+    else:
+        cells = rng.sample([(c, r) for c in range(GRID) for r in range(GRID)], scene.count)
+    for col, row in cells:
+        r = cell * rng.uniform(0.34, 0.4)
+        jitter = cell / 2 - r - 1
+        cx = (col + 0.5) * cell + rng.uniform(-jitter, jitter)
+        cy = (row + 0.5) * cell + rng.uniform(-jitter, jitter)
         box = [cx - r, cy - r, cx + r, cy + r]
         if scene.shape == "circle":
             d.ellipse(box, fill=color)

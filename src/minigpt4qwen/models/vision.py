@@ -25,7 +25,8 @@ VISION_PRESETS: dict[str, dict] = {
 def vision_config(preset: str) -> Blip2VisionConfig:
     if preset not in VISION_PRESETS:
         raise ValueError(f"unknown vision preset {preset!r}; choose one of {', '.join(VISION_PRESETS)}")
-    return Blip2VisionConfig(**VISION_PRESETS[preset], attention_dropout=0.0)
+    # initializer_range: transformers defaults to 1e-10 (it expects pretrained weights); trainable from scratch needs 0.02
+    return Blip2VisionConfig(**VISION_PRESETS[preset], attention_dropout=0.0, initializer_range=0.02)
 
 
 def build_vision(preset: str) -> Blip2VisionModel:

@@ -1,0 +1,178 @@
+"""The OpenAI-compatible API through a real uvicorn server on 127.0.0.1, driven by the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from minigpt4qwen.data.conversation import Turn
+from minigpt4qwen.serve.api import ImageLimits, ServeOptions, build_app, load_test, running_server
+from minigpt4qwen.serve.cli import first_turn
+from minigpt4qwen.serve.generate import Assistant, GenerationSettings
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-secret"
+QUESTION = "What is in the image?"
+
+
+def png_data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny_run) -> Assistant:
+    return Assistant.from_run(tiny_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image_path(shapes_data) -> Path:
+    return sorted((shapes_data / "images").glob("*.png"))[0]
+
+
+@pytest.fixture(scope="module")
+def server(assistant, shapes_data):
+    options = ServeOptions(api_key=KEY, limits=ImageLimits(max_bytes=64 * 1024, max_pixels=128 * 128), max_batch=32,
+                           allowed_hosts=["127.0.0.1"])
+    app = build_app(assistant, options)
+    with running_server(app) as url:
+        yield url, app.state.service
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def messages(image_url: str, question: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                         {"type": "text", "text": question}]}]
+
+
+def direct(assistant: Assistant, image_path: Path, settings: GenerationSettings) -> str:
+    """What the shared generation path answers for the same prompt as `minigpt4qwen chat`."""
+    return assistant.generate([[Turn("user", first_turn(QUESTION, 1))]], [[str(image_path)]], settings)[0]
+
+
+def sampled(seed: int) -> GenerationSettings:
+    """The API's settings for temperature=1, top_p=1 (OpenAI: no top-k)."""
+    return GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
+
+
+def test_models_and_auth(server):
+    url, _ = server
+    ok = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "minigpt4qwen"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(f"{url}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="minigpt4qwen", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_answers_equal_the_shared_generation_path(client, assistant, image_path):
+    url = png_data_url(Image.open(image_path))
+    greedy = client.chat.completions.create(model="minigpt4qwen", messages=messages(url), max_tokens=8, temperature=0)
+    assert greedy.choices[0].message.content == direct(assistant, image_path, GenerationSettings(max_new_tokens=8))
+    out = client.chat.completions.create(model="minigpt4qwen", messages=messages(url), max_tokens=8, seed=7,
+                                         temperature=1.0, top_p=1.0)
+    answer = out.choices[0].message.content
+    assert answer and answer == direct(assistant, image_path, sampled(7))
+    prompt = assistant.template.encode([Turn("user", first_turn(QUESTION, 1))], assistant.max_txt_len, True)
+    assert out.usage.prompt_tokens == len(prompt.input_ids)
+    assert 1 <= out.usage.completion_tokens <= 8
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert out.choices[0].finish_reason in ("stop", "length") and out.object == "chat.completion"
+
+
+def test_streaming_equals_non_streaming(server, client, image_path):
+    url = png_data_url(Image.open(image_path))
+    kw = dict(model="minigpt4qwen", messages=messages(url), max_tokens=8, seed=11, temperature=1.0)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    raw = httpx.post(f"{server[0]}/v1/chat/completions", json={**kw, "stream": True},
+                     headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[1][6:])["object"] == "chat.completion.chunk"
+
+
+def test_n_and_stop(client, image_path):
+    url = png_data_url(Image.open(image_path))
+    kw = dict(model="minigpt4qwen", messages=messages(url), max_tokens=8, temperature=1.0, seed=3)
+    answer = client.chat.completions.create(**kw).choices[0].message.content
+    stop = next(ch for ch in answer if ch.isalnum() and answer.index(ch) > 0)  # cuts somewhere inside the answer
+    cut = client.chat.completions.create(**kw, stop=[stop]).choices[0]
+    assert cut.message.content == answer[: answer.index(stop)].rstrip()
+    assert cut.finish_reason == "stop"
+    two = client.chat.completions.create(**kw, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+
+
+def test_errors_are_openai_style_and_the_server_keeps_serving(server, client, image_path):
+    url, _ = server
+    post = partial(httpx.post, f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    good = {"model": "minigpt4qwen", "messages": messages(png_data_url(Image.open(image_path))), "max_tokens": 2}
+
+    def error(expected: int, **kw) -> dict:
+        r = post(**kw)
+        assert r.status_code == expected, r.text
+        return r.json()["error"]
+
+    assert error(400, content=b"{not json")["code"] == "invalid_json"
+    assert error(404, json={**good, "model": "gpt-4"})["code"] == "model_not_found"
+    assert error(400, json={**good, "max_tokens": 10**6})["code"] == "context_length_exceeded"
+    long = [{"role": "user", "content": "word " * 3000}]
+    assert error(400, json={**good, "messages": long})["code"] == "context_length_exceeded"
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    assert error(400, json={**good, "messages": messages(png_data_url(big))})["code"] == "image_too_large"
+    for bad in ("data:image/png;base64,aGVsbG8=", "data:image/png;base64,@@@", "http://example.com/cat.png",
+                str(image_path), f"file://{image_path}"):
+        assert error(400, json={**good, "messages": messages(bad)})["type"] == "invalid_request_error"
+    assert error(400, json={**good, "temperature": 5})["param"] == "temperature"
+    assert error(400, json={**good, "messages": [{"role": "assistant", "content": "hi"}]})["param"] == "messages"
+    assert post(json=good).status_code == 200
+
+
+def test_remote_images_only_from_allowed_hosts(client, shapes_data, image_path, assistant):
+    handler = partial(SimpleHTTPRequestHandler, directory=str(shapes_data / "images"))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        remote = f"http://127.0.0.1:{httpd.server_address[1]}/{image_path.name}"
+        out = client.chat.completions.create(model="minigpt4qwen", messages=messages(remote), max_tokens=8,
+                                             temperature=0)
+        assert out.choices[0].message.content == direct(assistant, image_path, GenerationSettings(max_new_tokens=8))
+        with pytest.raises(openai.BadRequestError, match="not allowed"):
+            client.chat.completions.create(model="minigpt4qwen", max_tokens=2,
+                                           messages=messages(remote.replace("127.0.0.1", "localhost")))
+    finally:
+        httpd.shutdown()
+
+
+def test_load_32_streaming_clients_batched(server, image_path):
+    url, service = server
+    before = (service.batcher.batches_run, service.batcher.rows_run)
+    stats = load_test(url, clients=32, requests=64, max_tokens=8, api_key=KEY,
+                      image_url=png_data_url(Image.open(image_path)))
+    assert stats["failed"] == 0 and stats["ok"] == 64, stats["errors"]
+    batches, rows = service.batcher.batches_run - before[0], service.batcher.rows_run - before[1]
+    assert rows == 64 and batches < 64 / 2, f"{rows} rows in {batches} batches: requests were not batched"

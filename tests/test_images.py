@@ -1,0 +1,61 @@
+"""Image preprocessing values: BLIP-2's eval resize + CLIP normalisation, and the train-time crop/flip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minigpt4qwen.data.images import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor, load_image, random_resized_crop_box
+
+
+def test_eval_transform_values():
+    img = Image.new("RGB", (50, 30), (255, 0, 128))
+    x = ImageProcessor(16, train=False)(img)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    for c, v in enumerate((255, 0, 128)):
+        assert torch.allclose(x[c], torch.full((16, 16), (v / 255 - CLIP_MEAN[c]) / CLIP_STD[c]), atol=1e-5)
+
+
+def test_eval_resize_is_bicubic_of_the_whole_image():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    x = ImageProcessor(24, train=False)(img)
+    ref = np.asarray(img.resize((24, 24), Image.BICUBIC), dtype=np.float32) / 255
+    ref = (ref - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    assert np.allclose(x.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+
+
+def test_random_resized_crop_within_bounds_and_scale():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        left, top, w, h = random_resized_crop_box(200, 100, (0.5, 1.0), (3 / 4, 4 / 3), g)
+        assert 0 <= left and left + w <= 200 and 0 <= top and top + h <= 100
+        assert 0.5 * 200 * 100 * 0.95 <= w * h <= 200 * 100 * 1.01 or (w, h) in ((133, 100), (200, 100))
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+
+
+def test_train_transform_is_deterministic_per_generator_and_flips():
+    arr = np.zeros((32, 32, 3), dtype=np.uint8)
+    arr[:, :16] = 255  # left half white
+    img = Image.fromarray(arr)
+    proc = ImageProcessor(32, train=True, random_resized_crop=False, hflip=True)
+    outs = [proc(img, torch.Generator().manual_seed(s)) for s in range(20)]
+    left_white = [bool(o[0, :, :8].mean() > o[0, :, 24:].mean()) for o in outs]
+    assert any(left_white) and not all(left_white)  # both flipped and unflipped occur
+    a = ImageProcessor(32, train=True)(img, torch.Generator().manual_seed(7))
+    b = ImageProcessor(32, train=True)(img, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    no_aug = ImageProcessor(32, train=True, random_resized_crop=False, hflip=False)
+    assert torch.equal(no_aug(img, torch.Generator().manual_seed(1)), ImageProcessor(32)(img))
+
+
+def test_missing_and_corrupt_images_name_the_file(tmp_path):
+    with pytest.raises(ImageError, match="nope.png.*not found"):
+        load_image(tmp_path / "nope.png")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(ImageError, match="bad.jpg.*cannot be decoded"):
+        load_image(bad)

@@ -1,0 +1,153 @@
+"""Training workflow: checkpoints, exact resume after SIGKILL, bad data policies, and train -> chat end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from minigpt4qwen.config import save_config
+from minigpt4qwen.data.images import ImageError
+from minigpt4qwen.models.minigpt4qwen import CheckpointMismatchError, build_model
+from minigpt4qwen.train.checkpoint import latest_checkpoint, load_weights
+from minigpt4qwen.train.loop import lr_at, param_groups, train
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_run_directory_contents_and_checkpoint_round_trip(tiny_run):
+    for name in ("config.yaml", "log.jsonl", "loss.png", "train.log", "tokenizer"):
+        assert (tiny_run / name).exists(), name
+    assert list((tiny_run / "tb").glob("events.out.tfevents.*"))
+    ckpt = latest_checkpoint(tiny_run)
+    weights = load_weights(ckpt)
+    assert set(weights) == {"llm_proj.weight", "llm_proj.bias"}  # only what trains is saved
+    from minigpt4qwen.config import load_config
+
+    cfg = load_config(tiny_run / "config.yaml")
+    fresh = build_model(cfg.model).model
+    assert not torch.equal(fresh.llm_proj.weight, weights["llm_proj.weight"])
+    fresh.load_partial(weights, str(ckpt))
+    assert torch.equal(fresh.llm_proj.weight, weights["llm_proj.weight"])
+    bad = {"llm_proj.weight": torch.zeros(3, 3)}
+    with pytest.raises(CheckpointMismatchError, match="llm_proj.weight has shape \\[3, 3\\]"):
+        fresh.load_partial(bad, "x.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="not in the model"):
+        fresh.load_partial({"nope.weight": torch.zeros(1)}, "x.safetensors")
+
+
+def test_schedule_and_param_groups():
+    from minigpt4qwen.config import TrainConfig
+
+    tc = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, warmup_start_lr=0.0)
+    assert lr_at(0, 100, tc) == 0.0 and abs(lr_at(5, 100, tc) - 5e-4) < 1e-12
+    assert abs(lr_at(10, 100, tc) - 1e-3) < 1e-12 and abs(lr_at(100, 100, tc) - 1e-5) < 1e-12
+    assert lr_at(55, 100, tc) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    decay, no_decay = param_groups(lin, 0.05)
+    assert [p.shape for p in decay["params"]] == [torch.Size([3, 3])] and len(no_decay["params"]) == 3
+
+
+def test_grad_accumulation_logs_true_mean_loss(tmp_path, shapes_data):
+    """batch 8 x accum 1 and batch 4 x accum 2 see the same samples per step: same logged loss and same update."""
+    a = train(tiny_config(tmp_path / "a", shapes_data, "train.batch_size=8", "train.grad_accum=1",
+                          "train.max_steps=3"))
+    b = train(tiny_config(tmp_path / "b", shapes_data, "train.batch_size=4", "train.grad_accum=2",
+                          "train.max_steps=3"))
+    la, lb = losses(a), losses(b)
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-5)
+    wa, wb = load_weights(latest_checkpoint(a)), load_weights(latest_checkpoint(b))
+    assert torch.allclose(wa["llm_proj.weight"], wb["llm_proj.weight"], atol=1e-5)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "minigpt4qwen", *args]
+
+
+def test_resume_after_sigkill_continues_the_same_loss_sequence(tmp_path, shapes_data):
+    steps = 40
+    extra = [f"train.max_steps={steps}", "train.save_every_steps=3", "train.batch_size=2", "train.grad_accum=1",
+             "train.keep_last=1"]
+    full = train(tiny_config(tmp_path / "full", shapes_data, *extra))
+    reference = losses(full)
+    assert len(reference) == steps
+
+    cfg = tiny_config(tmp_path / "killed", shapes_data, *extra)
+    cfg_file = tmp_path / "killed.yaml"
+    save_config(cfg, cfg_file)
+    run = Path(cfg.train.output_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(_cli("train", "--config", str(cfg_file)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "log.jsonl"
+        if log.is_file() and len(log.read_text().splitlines()) >= 7:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = len(losses(run))
+    assert done_before < steps
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) <= done_before
+    subprocess.run(_cli("train", "--resume", str(run)), check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    assert losses(run) == reference  # bit-identical continuation
+
+
+def test_bad_image_error_names_file_and_keeps_checkpoint(tmp_path, shapes_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    rows = json.loads((data / "train_seed.json").read_text())
+    (data / rows[5]["image"]).write_bytes(b"garbage")  # corrupt, found only when loaded
+    cfg = tiny_config(tmp_path, data, "train.max_steps=30", "train.save_every_steps=1", "train.batch_size=2",
+                      "train.grad_accum=1")
+    with pytest.raises(ImageError, match=r"train_seed.json row 5: image .* cannot be decoded"):
+        train(cfg)
+    assert latest_checkpoint(cfg.train.output_dir) is not None  # saved work survives the crash
+    skip = tiny_config(tmp_path / "skip", data, "train.max_steps=30", "train.batch_size=2", "train.grad_accum=1",
+                       "data.on_bad_sample=skip")
+    run = train(skip)
+    assert len(losses(run)) == 30
+    (data / rows[7]["image"]).unlink()
+    with pytest.raises(ImageError, match="1 image file\\(s\\) missing"):
+        train(tiny_config(tmp_path / "missing", data, "train.max_steps=1"))
+
+
+def test_train_then_chat_query_end_to_end(tiny_run, shapes_data):
+    from minigpt4qwen.data.conversation import IMAGE_PROMPT, Turn
+    from minigpt4qwen.serve.generate import Assistant, GenerationSettings
+
+    image = shapes_data / "images" / "heldout_00000.png"
+    query = "What color is the shape?"
+    out = subprocess.run(_cli("chat", "--checkpoint", str(tiny_run), "--image", str(image), "--query", query,
+                              "--max-new-tokens", "6"), capture_output=True, text=True, check=True)
+    assistant = Assistant.from_run(tiny_run, device="cpu")
+    ref = assistant.generate([[Turn("user", f"{IMAGE_PROMPT} {query}")]], [[image]], GenerationSettings(6))[0]
+    assert out.stdout.strip() == ref
+    # the image changes the answer's input: a different image gives different prompt embeddings
+    e1, _ = assistant.prepare([[Turn("user", f"{IMAGE_PROMPT} {query}")]], [[image]])
+    e2, _ = assistant.prepare([[Turn("user", f"{IMAGE_PROMPT} {query}")]], [[Image.new("RGB", (32, 32))]])
+    assert not torch.allclose(e1, e2)
+
+
+def test_chat_cli_reports_bad_image_in_one_line(tiny_run, tmp_path):
+    out = subprocess.run(_cli("chat", "--checkpoint", str(tiny_run), "--image", str(tmp_path / "missing.png"),
+                              "--query", "hi"), capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: image ") and "missing.png" in out.stderr
