@@ -176,3 +176,19 @@ def test_load_32_streaming_clients_batched(server, image_path):
     assert stats["failed"] == 0 and stats["ok"] == 64, stats["errors"]
     batches, rows = service.batcher.batches_run - before[0], service.batcher.rows_run - before[1]
     assert rows == 64 and batches < 64 / 2, f"{rows} rows in {batches} batches: requests were not batched"
+
+
+def test_subcommand_options():
+    """The options `minigpt4qwen serve` / `webui` get; both bind 127.0.0.1 unless told otherwise."""
+    import argparse
+
+    from minigpt4qwen.serve.api import add_serve_args
+    from minigpt4qwen.serve.webui import add_webui_args
+
+    serve, webui = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_serve_args(serve)
+    add_webui_args(webui)
+    s = serve.parse_args(["--checkpoint", "run", "--api-key", "k", "--allow-remote-images", "img.example"])
+    w = webui.parse_args(["--checkpoint", "run"])
+    assert (s.host, s.port, s.api_key, s.allowed_hosts, s.max_batch) == ("127.0.0.1", 8000, "k", ["img.example"], 8)
+    assert (w.host, w.port, w.device) == ("127.0.0.1", 7860, None) and w.max_image_pixels > 0

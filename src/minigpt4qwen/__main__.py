@@ -3,6 +3,7 @@
     minigpt4qwen demo                                   # offline: data -> train -> evaluate -> answer
     minigpt4qwen train --config configs/demo.yaml [key.sub=value ...] [--resume RUN_DIR]
     minigpt4qwen chat --checkpoint RUN_DIR --image img.png [--query "..."]
+    minigpt4qwen eval mme --checkpoint RUN_DIR --mme-root DIR
     minigpt4qwen make-data --out DIR                    # the synthetic shapes data set
 """
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=64)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_make_data)
+
+    from .eval.run import add_eval_args
+
+    add_eval_args(sub)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on CPU: data, training, held-out accuracy, answers")
     d.add_argument("--out", default="demo_runs/demo", help="output folder (data + runs)")

@@ -151,7 +151,7 @@ def run_demo(args) -> int:
     cfg.data.train = [DatasetSpec(str(data / "train_seed.json")), DatasetSpec(str(data / "train_llava.json"))]
     if fast:
         cfg.train.max_steps = 60
-    vision_seconds = 45 if fast else 90
+    vision_seconds = 30 if fast else 45
     cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", vision_seconds))
     run_dir = train(cfg)
     assistant = Assistant.from_run(run_dir)

@@ -92,6 +92,8 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> dict[str, list[tuple[str,
         other = "right" if scene.position == "left" else "left"
         out["position"] = [(f"Is the shape on the {scene.position} side of the image?", "yes"),
                            (f"Is the shape on the {other} side of the image?", "no")]
+    suffix = " Please answer yes or no."
+    out = {k: [(q + suffix, a) for q, a in pair] for k, pair in out.items()}
     for pair in out.values():
         rng.shuffle(pair)
     return out
@@ -109,8 +111,10 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_heldout: int = 200, im
         name = f"images/train_{i:05d}.png"
         draw_scene(scene, rng, image_size).save(out / name)
         qa = scene.qa()
+        if rng.random() < 0.5:  # a yes/no question too, so the model also answers MME-style questions
+            kind, pair = rng.choice(list(_yes_no_pairs(scene, rng).items()))
+            qa.append((kind, *rng.choice(pair)))
         rng.shuffle(qa)
-        qa = qa[: rng.randint(2, len(qa))]
         if rng.random() < llava_share:
             conv = []
             for k, (_, q, a) in enumerate(qa):
@@ -137,7 +141,7 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_heldout: int = 200, im
             folder = out / "mme" / subtask
             folder.mkdir(parents=True, exist_ok=True)
             img.save(folder / f"{i:04d}.png")
-            (folder / f"{i:04d}.txt").write_text("".join(f"{q} Please answer yes or no.\t{a}\n" for q, a in pair))
+            (folder / f"{i:04d}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in pair))
             n_q += 2
     return {"train_seed": out / "train_seed.json", "train_llava": out / "train_llava.json",
             "heldout": out / "heldout.json", "mme": out / "mme", "train_rows": n_train, "heldout_questions": n_heldout,

@@ -118,7 +118,7 @@ class BatchStreamer(StoppingCriteria):
         self.stop_ids = set(stop_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist()):
+        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
             if row.done:
                 continue
             if row.job.cancelled:

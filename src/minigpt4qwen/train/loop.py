@@ -134,6 +134,22 @@ def plot_losses(run_dir: Path) -> Path | None:
     return out
 
 
+def evaluate_during_training(cfg: Config, model, tokenizer, template, run_dir: Path, step: int, writer) -> dict:
+    """MME on the weights just saved, in-process; scores go to TensorBoard and RUN_DIR/eval/mme-step-N/."""
+    from ..eval.run import run_mme
+    from ..serve.generate import Assistant
+
+    assistant = Assistant(model, tokenizer, template, ImageProcessor(image_size(cfg, model), train=False))
+    summary = run_mme(assistant, cfg.eval.mme_root, run_dir / "eval" / f"mme-step-{step:08d}", cfg.eval.batch_size,
+                      cfg.eval.prompt_suffix, cfg.eval.max_new_tokens)
+    writer.add_scalar("mme/perception", summary["perception"], step)
+    writer.add_scalar("mme/cognition", summary["cognition"], step)
+    for name, sub in summary["subtasks"].items():
+        writer.add_scalar(f"mme/{name}", sub["score"], step)
+    log.info("MME at step %d: perception %.2f cognition %.2f", step, summary["perception"], summary["cognition"])
+    return summary
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """After a resume, drop log lines written after the checkpoint (they will be produced again)."""
     if path.is_file():
@@ -281,6 +297,10 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, overrides
                 end_of_epoch = state.step % steps_per_epoch == 0
                 if state.step >= total or end_of_epoch or (tc.save_every_steps and state.step % tc.save_every_steps == 0):
                     save()
+                if end_of_epoch and cfg.eval.mme_root and cfg.eval.every_n_epochs > 0 \
+                        and (epoch + 1) % cfg.eval.every_n_epochs == 0:
+                    evaluate_during_training(cfg, model, tokenizer, template, run_dir, state.step, writer)
+                    model.train()
                 if state.step >= total:
                     break
     except BaseException:
