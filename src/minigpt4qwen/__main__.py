@@ -3,6 +3,8 @@
     minigpt4qwen demo                                   # offline: data -> train -> evaluate -> answer
     minigpt4qwen train --config configs/demo.yaml [key.sub=value ...] [--resume RUN_DIR]
     minigpt4qwen chat --checkpoint RUN_DIR --image img.png [--query "..."]
+    minigpt4qwen webui --checkpoint RUN_DIR             # Gradio UI on 127.0.0.1:7860
+    minigpt4qwen serve --checkpoint RUN_DIR             # OpenAI-compatible API on 127.0.0.1:8000
     minigpt4qwen eval mme --checkpoint RUN_DIR --mme-root DIR
     minigpt4qwen make-data --out DIR                    # the synthetic shapes data set
 """
@@ -34,6 +36,18 @@ def _chat(args) -> int:
     from .serve.cli import run_chat
 
     return run_chat(args)
+
+
+def _webui(args) -> int:
+    from .serve.webui import run_webui
+
+    return run_webui(args)
+
+
+def _serve(args) -> int:
+    from .serve.api import run_api
+
+    return run_api(args)
 
 
 def _make_data(args) -> int:
@@ -79,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=64)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_make_data)
+
+    from .serve.api import add_serve_args
+    from .serve.webui import add_webui_args
+
+    w = sub.add_parser("webui", help="Gradio web UI: upload images, chat with streamed answers")
+    add_webui_args(w)
+    w.set_defaults(fn=_webui)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API with request batching")
+    add_serve_args(s)
+    s.set_defaults(fn=_serve)
 
     from .eval.run import add_eval_args
 

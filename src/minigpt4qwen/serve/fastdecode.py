@@ -1,0 +1,208 @@
+"""Batched greedy decoding from embeddings with a static KV cache and one CUDA graph per decode step.
+
+    dec = FastDecoder(model.llm, max_batch=128, max_len=256)
+    tokens = dec.generate(inputs_embeds, attention_mask, max_new_tokens=3, eos_token_ids=[im_end_id])
+
+Why not HF's own path: `generate` re-enters Python for every layer of every step (12.8 tokens/s for a 7B model at
+batch 1 on an H100, about 6% of what the memory bandwidth allows), and HF's StaticCache + torch.compile
+(mode="reduce-overhead") failed on the GPU machine's transformers 5.17 ("accessing tensor output of CUDAGraphs that
+has been overwritten"). The cache API also differs between the transformers versions we support (5.17 passes
+`cache_position`, 5.24 keeps a `cumulative_length` and renamed `past_key_values` to `cache`). So this module reuses
+the LLM's own modules (projections, RMSNorms, MLPs, rotary embedding, lm_head) and only re-wires attention around a
+cache it owns. A decode step then has fixed shapes, fixed addresses and no host syncs, so it is captured once per
+batch size and replayed. Greedy tokens equal HF `generate(do_sample=False)` on the same embeddings (tested on CPU).
+
+Supported: Qwen2 / Qwen2.5 / Qwen3 / Llama-style decoders with full attention (no sliding window), bare or PEFT-wrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_EOS = 8
+"""Stop ids live in a fixed-size buffer (padded with -1) so a captured graph serves any stop list."""
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers applies it (rotate_half convention); cos/sin are (B, T, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class FastDecoder:
+    """Greedy decoder owning a (layers, max_batch, kv_heads, max_len, head_dim) cache for one LLM.
+
+    One instance serves many `generate` calls (evaluation batches, chat turns); CUDA graphs are captured lazily, one
+    per batch size, and share a memory pool. Not thread-safe: callers serialise (as `Assistant` does with its lock).
+    """
+
+    def __init__(self, llm: nn.Module, max_batch: int, max_len: int, cuda_graph: bool | None = None) -> None:
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        cfg = base.config
+        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+            raise NotImplementedError("FastDecoder supports full attention only (the config uses a sliding window)")
+        self.decoder = base.get_decoder()
+        self.embed = base.get_input_embeddings()
+        self.lm_head = base.get_output_embeddings()
+        self.layers = list(self.decoder.layers)[: cfg.num_hidden_layers]
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.gqa = cfg.num_attention_heads != cfg.num_key_value_heads
+        weight = self.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.max_batch, self.max_len = max_batch, max_len
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.neg = torch.finfo(self.dtype).min
+        kv_shape = (len(self.layers), max_batch, cfg.num_key_value_heads, max_len, self.head_dim)
+        with torch.device(self.device):
+            self.keys = torch.zeros(kv_shape, dtype=self.dtype)
+            self.values = torch.zeros(kv_shape, dtype=self.dtype)
+            # decode state: fixed addresses, advanced inside the captured step
+            self.tok = torch.zeros(max_batch, 1, dtype=torch.long)
+            self.pos = torch.zeros(max_batch, 1, dtype=torch.long)  # rotary position of the next token, per row
+            self.slot = torch.zeros(1, dtype=torch.long)  # cache slot the next token is written to (shared)
+            self.step = torch.zeros(1, dtype=torch.long)  # column of `out` the next token goes to
+            self.bias = torch.full((max_batch, 1, 1, max_len), self.neg, dtype=self.dtype)  # additive key mask
+            self.done = torch.zeros(max_batch, dtype=torch.bool)
+            self.out = torch.zeros(max_batch, max_len, dtype=torch.long)
+            self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long)
+            self.pad = torch.zeros((), dtype=torch.long)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------ the network, re-wired around our cache
+
+    def _attention(self, i: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   slots: torch.Tensor, bias: torch.Tensor, kv_len: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, -1, self.head_dim)
+        k = attn.k_proj(x).view(b, t, -1, self.head_dim)
+        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = _rotate(q.transpose(1, 2), cos, sin)
+        k = _rotate(k.transpose(1, 2), cos, sin)
+        keys, values = self.keys[i, :b], self.values[i, :b]
+        keys.index_copy_(2, slots, k)
+        values.index_copy_(2, slots, v)
+        scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        o = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=bias,
+                                           scale=scale, enable_gqa=self.gqa)
+        return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+    def _forward(self, h: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        """Hidden states (B, T, d) -> greedy next token of the last position, (B,); writes K/V at `slots`."""
+        cos, sin = self.decoder.rotary_emb(h, position_ids)
+        for i, layer in enumerate(self.layers):
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, slots, bias, kv_len)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.lm_head(self.decoder.norm(h[:, -1]))
+        return logits.float().argmax(-1)
+
+    def _emit(self, b: int, nxt: torch.Tensor) -> None:
+        """Record the step's tokens as HF does: rows that already stopped get the pad id, then update `done`."""
+        nxt = torch.where(self.done[:b], self.pad, nxt)
+        self.done[:b] |= torch.isin(nxt, self.eos)
+        self.out[:b].index_copy_(1, self.step, nxt[:, None])
+        self.tok[:b, 0].copy_(nxt)
+        self.step.add_(1)
+
+    def _decode_step(self, b: int) -> None:
+        """One token for rows [0, b): everything it reads and writes is a fixed buffer, so it can be graph-captured."""
+        bias = self.bias[:b]
+        bias.index_fill_(-1, self.slot, 0.0)  # the new token attends to itself
+        nxt = self._forward(self.embed(self.tok[:b]), self.pos[:b], self.slot, bias, self.max_len)
+        self._emit(b, nxt)
+        self.pos[:b].add_(1)
+        self.slot.add_(1)
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.tok, self.pos, self.slot, self.step, self.bias, self.done, self.out]
+
+    def _graph(self, b: int) -> torch.cuda.CUDAGraph:
+        """Capture the decode step for batch size `b` (warm-up runs first, as CUDA graphs require; state restored)."""
+        graph = self._graphs.get(b)
+        if graph is not None:
+            return graph
+        saved = [t.clone() for t in self._state()]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_step(b)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for t, s in zip(self._state(), saved):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_step(b)
+        self._pool = graph.pool()
+        self._graphs[b] = graph
+        return graph
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_ids: Sequence[int] = (), pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy new tokens (B, n) for left-padded prompt embeddings, like HF `generate(inputs_embeds=...)`.
+
+        Rows that stopped are filled with `pad_token_id` (default: the first stop id, as HF does); n stops growing
+        once every row has emitted a stop id.
+        """
+        b, p, _ = inputs_embeds.shape
+        if b > self.max_batch:
+            raise ValueError(f"batch {b} exceeds max_batch {self.max_batch}")
+        if p + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt {p} + {max_new_tokens} new tokens exceeds max_len {self.max_len}")
+        if len(eos_token_ids) > MAX_EOS:
+            raise ValueError(f"at most {MAX_EOS} stop ids")
+        mask = attention_mask.to(self.device).bool()
+        self.eos.fill_(-1)
+        if eos_token_ids:
+            self.eos[: len(eos_token_ids)] = torch.tensor(list(eos_token_ids), device=self.device)
+        pad = pad_token_id if pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else 0)
+        self.pad.fill_(pad)
+
+        # prefill: causal + padding mask over the prompt; positions as HF derives them from the attention mask
+        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+        allowed = torch.ones(p, p, dtype=torch.bool, device=self.device).tril()[None] & mask[:, None, :]
+        bias = torch.zeros(b, 1, p, p, dtype=self.dtype, device=self.device).masked_fill(~allowed[:, None], self.neg)
+        slots = torch.arange(p, device=self.device)
+        first = self._forward(inputs_embeds.to(self.device, self.dtype), position_ids, slots, bias, p)
+
+        self.bias[:b].fill_(self.neg)
+        self.bias[:b, 0, 0, :p].masked_fill_(mask, 0.0)
+        self.pos[:b, 0] = mask.sum(-1)
+        self.slot.fill_(p)
+        self.step.zero_()
+        self.done[:b] = False
+        self._emit(b, first)
+
+        check_every = 8 if self.cuda_graph else 1  # a host sync per check; graphs are cheap to run a few extra steps
+        n = 1
+        while n < max_new_tokens:
+            if n % check_every == 0 and bool(self.done[:b].all()):
+                break
+            if self.cuda_graph:
+                self._graph(b).replay()
+            else:
+                self._decode_step(b)
+            n += 1
+        out = self.out[:b, :n].clone()
+        return out[:, : _length_until_all_stopped(out, self.eos[: len(eos_token_ids)])]
+
+
+def _length_until_all_stopped(tokens: torch.Tensor, eos: torch.Tensor) -> int:
+    """HF's output length: up to and including the step at which the last row emitted a stop id."""
+    if eos.numel() == 0:
+        return tokens.shape[1]
+    hit = torch.isin(tokens, eos)
+    if not bool(hit.any(-1).all()):
+        return tokens.shape[1]
+    return int(hit.float().argmax(-1).max()) + 1
