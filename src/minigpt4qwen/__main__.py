@@ -6,6 +6,9 @@
     minigpt4qwen webui --checkpoint RUN_DIR             # Gradio UI on 127.0.0.1:7860
     minigpt4qwen serve --checkpoint RUN_DIR             # OpenAI-compatible API on 127.0.0.1:8000
     minigpt4qwen eval mme --checkpoint RUN_DIR --mme-root DIR
+    minigpt4qwen convert lavis|qwen1|export|seed-projector|to-seed ...
+    minigpt4qwen info --config FILE.yaml                # parameter counts on the meta device
+    minigpt4qwen bench all                              # speed of the seed-style vs our path (GPU)
     minigpt4qwen make-data --out DIR                    # the synthetic shapes data set
 """
 
@@ -104,13 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(s)
     s.set_defaults(fn=_serve)
 
+    from .convert_cli import add_convert_args, add_info_args
+
+    add_convert_args(sub)
+    add_info_args(sub)
+
+    from .bench import add_bench_args, run_bench
+
+    b = sub.add_parser("bench", help="throughput on real-size presets with random weights: train | generate | eval")
+    add_bench_args(b)
+    b.set_defaults(fn=run_bench)
+
     from .eval.run import add_eval_args
 
     add_eval_args(sub)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on CPU: data, training, held-out accuracy, answers")
     d.add_argument("--out", default="demo_runs/demo", help="output folder (data + runs)")
-    d.add_argument("--minutes", type=float, default=None, help="time budget of the LLM alignment stage")
     d.add_argument("--fast", action="store_true", help="reduced budget (used by the tests)")
     d.set_defaults(fn=_demo)
     return p
@@ -123,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     from .data.conversation import OverlongError
     from .data.formats import BadSampleError
     from .data.images import ImageError
+    from .models.convert import CheckpointKeyError
     from .models.minigpt4qwen import CheckpointMismatchError
 
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, BadSampleError, ImageError, OverlongError, CheckpointMismatchError, FileNotFoundError) as exc:
+    except (ConfigError, BadSampleError, ImageError, OverlongError, CheckpointMismatchError, CheckpointKeyError,
+            FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -183,15 +183,57 @@ class TrainConfig:
     keep_last: int = 2
     """Older checkpoints beyond this many are deleted."""
     device: str = "auto"
-    """auto | cpu | cuda | cuda:N."""
+    """auto | cpu | cuda | cuda:N (under a launcher, auto = this process's local GPU)."""
+    llm_lr: float = 0.0
+    """Peak learning rate of the LLM's parameters when they train (full or LoRA); 0 = the same as `lr`.
+    MPP-LLaVA's SFT stage trains the unfrozen LLM at a lower rate than the projector. Same warmup/cosine shape."""
+    report_memory: bool = True
+    """On CUDA, log the peak allocated GPU memory of each step (`mem_gib` in log.jsonl, GiB, since setup)."""
 
     def __post_init__(self) -> None:
+        if self.llm_lr < 0:
+            raise ConfigError("llm_lr must be >= 0 (0 = same as lr)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
         if len(self.betas) != 2:
             raise ConfigError("betas must have two values")
+
+
+ENGINES = ("ddp", "deepspeed", "fsdp")
+
+
+@dataclass
+class EngineConfig:
+    """How training is distributed; the loop (accumulation, clipping, schedule, logging) is the same for all.
+
+    Processes come from the launcher (torchrun / deepspeed); without one the run is a single process.
+    """
+
+    name: str = "ddp"
+    """ddp (PyTorch DDP; plain single process without a launcher) | deepspeed (ZeRO) | fsdp (PyTorch FSDP2)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3 (3 also shards the frozen LLM's weights across GPUs)."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON; default = the shipped configs/deepspeed/zero{stage}.json. Batch size, accumulation,
+    clipping and bf16 are always filled in from train.* so that every engine follows the same recipe."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer states (and fp32 master weights) in CPU memory (ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """DeepSpeed: keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered weights after forward (ZeRO-3 like); false keeps them until backward (ZeRO-2 like)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ConfigError(f"name must be one of {ENGINES}, got {self.name!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params needs zero_stage 3 (set engine.zero_stage=3)")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer needs zero_stage >= 1")
 
 
 @dataclass
@@ -215,6 +257,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -1,6 +1,6 @@
 """Offline end-to-end demo on CPU: synthetic data -> vision pretraining -> LLM alignment -> held-out accuracy.
 
-    minigpt4qwen demo [--out demo_runs/demo] [--minutes 4]
+    minigpt4qwen demo [--out demo_runs/demo] [--fast]
 
 No pretrained ViT can be had offline, so the demo reproduces BLIP-2's two stages at toy scale:
 1. representation learning: a small BLIP-2-architecture ViT + Q-Former learns the scenes' attributes through
@@ -59,7 +59,7 @@ def _labels(scene) -> dict[str, int]:
             "position": {"left": 0, "right": 1, None: 2}[scene.position]}
 
 
-def pretrain_vision(cfg: Config, out: Path, seconds: float, seed: int = 0, batch: int = 32) -> Path:
+def pretrain_vision(cfg: Config, out: Path, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3) -> Path:
     """Stage 1 on freshly drawn scenes; writes HF-format BLIP-2 weights (vision_model.*, qformer.*, query_tokens)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -84,24 +84,23 @@ def pretrain_vision(cfg: Config, out: Path, seconds: float, seed: int = 0, batch
         return heads(qformer(query_embeds=queries.expand(len(pixels), -1, -1), encoder_hidden_states=img,
                              encoder_attention_mask=mask).last_hidden_state)
 
-    t0, step = time.time(), 0
-    while (elapsed := time.time() - t0) < seconds:
-        for group in opt.param_groups:  # cosine decay over the time budget: the last steps polish the features
-            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:  # warmup, then cosine decay: the last steps polish the features
+            group["lr"] = lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         pixels, labels = batch_of(batch)
         logits = run(pixels)
         loss = sum(F.cross_entropy(logits[k], labels[k]) for k in logits)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        step += 1
-        if step % 50 == 0:
-            log.info("vision pretraining step %d loss %.4f", step, float(loss))
+        if step % 100 == 0:
+            log.info("vision pretraining step %d/%d loss %.4f", step, steps, loss.item())
     with torch.no_grad():
         pixels, labels = batch_of(512)
         logits = run(pixels)
         acc = {k: float((logits[k].argmax(-1) == labels[k]).float().mean()) for k in logits}
-    log.info("vision pretraining: %d steps in %.0f s, probe accuracy %s", step, time.time() - t0,
+    log.info("vision pretraining: %d steps in %.0f s, probe accuracy %s", steps, time.time() - t0,
              {k: round(v, 3) for k, v in acc.items()})
     state = {f"vision_model.{k}": v for k, v in vision.state_dict().items()}
     state.update({f"qformer.{k}": v for k, v in qformer.state_dict().items()})
@@ -151,8 +150,7 @@ def run_demo(args) -> int:
     cfg.data.train = [DatasetSpec(str(data / "train_seed.json")), DatasetSpec(str(data / "train_llava.json"))]
     if fast:
         cfg.train.max_steps = 60
-    vision_seconds = 30 if fast else 45
-    cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", vision_seconds))
+    cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 1500))
     run_dir = train(cfg)
     assistant = Assistant.from_run(run_dir)
     rows = json.loads((data / "heldout.json").read_text())

@@ -18,11 +18,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataStats:
+    """What loading found: usable rows, and rows/samples dropped under on_bad_sample=skip."""
+
     rows: int = 0
     skipped_rows: int = 0
-    truncated: int = 0
     skipped_images: int = 0
-    overlong: int = 0
 
 
 class InstructionDataset(Dataset):

@@ -55,7 +55,9 @@ class MiniGPT4Qwen(nn.Module):
         """Frozen towers stay in eval mode (no dropout, as BLIP-2 keeps its frozen ViT)."""
         super().train(mode)
         for module in (self.vision_model, self.qformer, self.llm):
-            if self._frozen(module):
+            # transformers recomputes activations only in training mode: a checkpointed frozen tower stays in it
+            checkpointed = mode and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+            if self._frozen(module) and not checkpointed:
                 module.eval()
         return self
 
@@ -215,7 +217,10 @@ def load_vision_side(model: MiniGPT4Qwen, cfg: ModelConfig) -> None:
 
         if not (cfg.eva_checkpoint and cfg.blip2_checkpoint):
             raise ValueError("LAVIS weights need both model.eva_checkpoint and model.blip2_checkpoint")
-        state, ignored = load_blip2_vision_side(cfg.eva_checkpoint, cfg.blip2_checkpoint)
+        state, ignored = load_blip2_vision_side(
+            cfg.eva_checkpoint, cfg.blip2_checkpoint, model.vision_model.config.num_hidden_layers,
+            model.qformer.config.cross_attention_frequency,
+        )
         log.info("LAVIS checkpoints: %d tensors loaded, %d ignored (text branch / ITC / ITM heads)",
                  len(state), len(ignored))
         model.load_partial(state, f"{cfg.eva_checkpoint} + {cfg.blip2_checkpoint}")

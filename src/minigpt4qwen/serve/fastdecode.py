@@ -54,6 +54,7 @@ class FastDecoder:
         self.gqa = cfg.num_attention_heads != cfg.num_key_value_heads
         weight = self.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
+        max_len = -(-max_len // 16) * 16  # a 16-aligned mask row keeps SDPA on its fused kernels
         self.max_batch, self.max_len = max_batch, max_len
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.neg = torch.finfo(self.dtype).min
@@ -136,7 +137,7 @@ class FastDecoder:
             for _ in range(2):
                 self._decode_step(b)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        for t, s in zip(self._state(), saved):
+        for t, s in zip(self._state(), saved, strict=True):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

@@ -64,12 +64,18 @@ class Assistant:
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir}: no config.yaml; pass a run directory written by `minigpt4qwen train`")
         cfg: Config = load_config(run / "config.yaml")
+        for key in ("llm", "tokenizer", "vision_checkpoint", "eva_checkpoint", "blip2_checkpoint", "qformer_init",
+                    "projector_checkpoint"):  # exported runs keep their parts inside the folder, so it can move
+            value = getattr(cfg.model, key)
+            if value and not Path(value).is_absolute() and (run / value).exists():
+                setattr(cfg.model, key, str(run / value))
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise FileNotFoundError(f"{run_dir}: no checkpoint yet (checkpoints/step-*/trainable.safetensors)")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if (run / "tokenizer").is_dir():
             cfg.model.tokenizer = str(run / "tokenizer")
+        torch.manual_seed(cfg.train.seed)  # parts without a checkpoint (random: presets) rebuild as in training
         built = build_model(cfg.model, dev)
         built.model.load_partial(load_weights(ckpt), str(ckpt))
         log.info("loaded %s", ckpt)

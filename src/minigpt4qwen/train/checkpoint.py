@@ -3,6 +3,7 @@
     RUN_DIR/
       config.yaml                     the full config the run was started with
       checkpoints/step-00000120/      trainable.safetensors, training_state.pt, meta.json
+                                      (+ deepspeed/ or fsdp/: the engine's own, possibly sharded, state)
       checkpoints/latest              name of the newest complete checkpoint
       log.jsonl, tb/, loss.png
 
@@ -34,7 +35,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers (other ranks, a resume after SIGKILL) see the old or the new file, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -58,33 +60,52 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    run_dir: Path, step: int, weights: dict[str, torch.Tensor], training_state: dict, meta: dict, keep_last: int = 2
-) -> Path:
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    final = ckpt_root / name
-    tmp = ckpt_root / f".{name}.tmp"
+def tmp_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is assembled (by every rank) before it is renamed into place."""
+    return Path(run_dir) / "checkpoints" / f".step-{step:08d}.tmp"
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """Create the temporary directory a checkpoint is written into (engines add their shards to it)."""
+    tmp = tmp_checkpoint_dir(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(
+    tmp: Path, weights: dict[str, torch.Tensor], training_state: dict, meta: dict, keep_last: int = 2
+) -> Path:
+    """Write our files into `tmp`, fsync everything, rename it to its final name and point `latest` at it."""
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
     torch.save(training_state, tmp / STATE)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    ckpt_root = tmp.parent
+    name = tmp.name[1:-len(".tmp")]
+    final = ckpt_root / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    _write_atomic(ckpt_root / "latest", name)
+    write_text_atomic(ckpt_root / "latest", name)
     if keep_last > 0:
         done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], training_state: dict, meta: dict, keep_last: int = 2
+) -> Path:
+    """Single-process save: everything a checkpoint holds comes from this process."""
+    return finish_checkpoint(begin_checkpoint(run_dir, step), weights, training_state, meta, keep_last)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -1,7 +1,8 @@
-"""Training workflow: setup -> fit -> save. One loop for CPU and GPU.
+"""Training workflow: setup -> fit -> save. One loop for CPU, one GPU and every multi-GPU engine (engines.py).
 
     minigpt4qwen train --config configs/demo.yaml [train.lr=3e-4 ...]
     minigpt4qwen train --resume RUN_DIR            # continue exactly where the last checkpoint left off
+    torchrun --nproc_per_node=8 -m minigpt4qwen train --config cfg.yaml [engine.name=deepspeed engine.zero_stage=3]
 """
 
 from __future__ import annotations
@@ -16,31 +17,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, load_config, save_config
+from ..config import Config, load_config, to_dict
 from ..data.collate import collate
 from ..data.conversation import IGNORE_INDEX, ChatTemplate
 from ..data.dataset import InstructionDataset, ResumableSampler
 from ..data.images import ImageProcessor
 from ..models.minigpt4qwen import build_model, log_counts
 from .checkpoint import (
+    begin_checkpoint,
+    finish_checkpoint,
     latest_checkpoint,
     load_training_state,
-    load_weights,
     rng_state,
-    save_checkpoint,
     set_rng_state,
+    tmp_checkpoint_dir,
+    write_text_atomic,
 )
+from .engines import Dist, Engine, build_engine, init_distributed, lr_at, oom_hint, param_groups, resolve_device
+
+__all__ = ["lr_at", "param_groups", "resolve_device", "train"]
 
 log = logging.getLogger("minigpt4qwen.train")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def setup_logging(run_dir: Path | None = None) -> None:
@@ -63,27 +64,6 @@ def image_size(cfg: Config, model) -> int:
 
 
 # --------------------------------------------------------------------------------------------- optimisation
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and other 1-D parameters (as LAVIS does)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or ".ln" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, total: int, cfg) -> float:
-    """Linear warmup from warmup_start_lr, then cosine from lr down to min_lr at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / max(cfg.warmup_steps, 1)
-    progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def autocast_ctx(device: torch.device, precision: str):
@@ -157,8 +137,29 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def _step_plan(dist_: Dist, micro: list[dict]) -> tuple[list[int], int]:
+    """Which micro-batches run and the step's GLOBAL supervised-token count (one all-reduce).
+
+    A micro-batch runs only where every rank has supervised tokens in it, so that the ranks' forward/backward
+    calls (and the collectives inside them) stay matched; with one process this is "skip empty batches".
+    """
+    counts = [supervised_tokens(b) for b in micro]
+    sums = dist_.sum([*counts, *(float(c == 0) for c in counts)])
+    use = [i for i in range(len(micro)) if sums[len(micro) + i] == 0]
+    return use, int(sum(sums[i] for i in use))
+
+
+def _resume_rng(ts: dict, dist_: Dist) -> dict:
+    per_rank = ts.get("rng_per_rank") or [ts["rng"]]
+    if len(per_rank) != dist_.world_size:
+        log.warning("checkpoint was written by %d process(es), this run has %d: data order and RNG restart from "
+                    "rank 0's state, so the continuation is not bit-exact", len(per_rank), dist_.world_size)
+        return per_rank[0]
+    return per_rank[dist_.rank]
+
+
 def train(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = ()) -> Path:
-    """Run (or resume) training; returns the run directory."""
+    """Run (or resume) training; returns the run directory. Every process of a launched job calls this."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -166,80 +167,101 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, overrides
         cfg = cfg or load_config(run_dir / "config.yaml", overrides)
     assert cfg is not None
     run_dir = Path(resume) if resume is not None else Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    setup_logging(run_dir)
-    tc = cfg.train
-    device = resolve_device(tc.device)
+    dist_ = init_distributed(cfg)
+    try:
+        return _fit(cfg, run_dir, resume is not None, dist_)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
+    tc, device = cfg.train, dist_.device
+    if dist_.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        setup_logging(run_dir)
+    else:
+        logging.getLogger("minigpt4qwen").setLevel(logging.WARNING)
     precision = ("bf16" if device.type == "cuda" else "fp32") if tc.precision == "auto" else tc.precision
     torch.manual_seed(tc.seed)
 
     built = build_model(cfg.model, device)
     model, tokenizer = built.model, built.tokenizer
-    log.info("model built on %s, precision %s\n%s", device, precision, log_counts(built.counts))
+    log.info("model built on %s, precision %s, engine %s x %d process(es)\n%s", device, precision, cfg.engine.name,
+             dist_.world_size, log_counts(built.counts))
     if tc.grad_checkpointing_llm:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.grad_checkpointing_vision:
         model.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    if dist_.main:
+        tokenizer.save_pretrained(run_dir / "tokenizer")
 
     template = make_template(cfg, tokenizer, model.image_token_id)
     processor = ImageProcessor(image_size(cfg, model), train=True, crop_scale_min=cfg.data.crop_scale_min,
                                hflip=cfg.data.hflip, random_resized_crop=cfg.data.random_resized_crop)
     dataset = InstructionDataset(cfg.data.train, template, processor, cfg.data, seed=tc.seed)
-    sampler = ResumableSampler(len(dataset), tc.seed)
+    # rank r takes every world_size-th sample: 2 ranks x batch b see per step what 1 rank x batch 2b sees
+    sampler = ResumableSampler(len(dataset), tc.seed, rank=dist_.rank, world_size=dist_.world_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         collate_fn=lambda items: collate(items, pad_id), pin_memory=device.type == "cuda")
-    micro_per_epoch = math.ceil(len(dataset) / tc.batch_size)
+    micro_per_epoch = math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch
-    log.info("data: %d samples (%d rows skipped), %d steps/epoch, %d steps total", len(dataset),
-             dataset.stats.skipped_rows, steps_per_epoch, total)
+    log.info("data: %d samples (%d rows skipped), global batch %d (%d process(es) x %d x accum %d), %d steps/epoch, "
+             "%d steps total", len(dataset), dataset.stats.skipped_rows, dist_.world_size * tc.batch_size *
+             tc.grad_accum, dist_.world_size, tc.batch_size, tc.grad_accum, steps_per_epoch, total)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: every part in model.trainable is frozen")
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    engine = build_engine(model, cfg, dist_, total, precision)
     state = RunState()
 
-    ckpt = latest_checkpoint(run_dir) if resume is not None else None
+    ckpt = latest_checkpoint(run_dir) if resuming else None
     if ckpt is not None:
-        model.load_partial(load_weights(ckpt), str(ckpt))
         ts = load_training_state(ckpt)
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        scaler.load_state_dict(ts["scaler"])
+        engine.load(ckpt, ts)
         state = RunState(**ts["run"])
-        set_rng_state(ts["rng"])
-        _truncate_log(run_dir / "log.jsonl", state.step)
+        set_rng_state(_resume_rng(ts, dist_))
+        if dist_.main:
+            _truncate_log(run_dir / "log.jsonl", state.step)
         log.info("resumed from %s at step %d", ckpt, state.step)
-    elif resume is not None:
+    elif dist_.main and resuming:
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
         _truncate_log(run_dir / "log.jsonl", 0)
-    else:
+    elif dist_.main:
         (run_dir / "log.jsonl").write_text("")
+    report_memory = tc.report_memory and device.type == "cuda"
+    if report_memory:
+        torch.cuda.reset_peak_memory_stats(device)  # the table wants training peaks, not build-time transients
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if dist_.main:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1 if state.step else None)
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1 if state.step else None)
     last_saved = state.step
 
     def save() -> None:
+        """Collective: every rank adds its engine shards, rank 0 writes our files and renames atomically."""
         nonlocal last_saved
-        training_state = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "run": vars(state).copy(), "rng": rng_state(),
-        }
-        meta = {"step": state.step, "epoch": state.epoch, "total_steps": total}
-        path = save_checkpoint(run_dir, state.step, model.trainable_state_dict(), training_state, meta, tc.keep_last)
+        tmp = begin_checkpoint(run_dir, state.step) if dist_.main else tmp_checkpoint_dir(run_dir, state.step)
+        dist_.barrier()
+        engine_state = engine.save(tmp)
+        weights = engine.full_state_dict()
+        rngs = dist_.gather(rng_state())
+        if dist_.main:
+            training_state = {**engine_state, "run": vars(state).copy(), "rng": rngs[0], "rng_per_rank": rngs}
+            meta = {"step": state.step, "epoch": state.epoch, "total_steps": total, "engine": engine.name,
+                    "world_size": dist_.world_size}
+            log.info("saved %s", finish_checkpoint(tmp, weights, training_state, meta, tc.keep_last))
+        dist_.barrier()
         last_saved = state.step
-        log.info("saved %s", path)
 
-    model.train()
-    bar = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    engine.model.train()
+    bar = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, file=sys.stderr,
+               disable=not dist_.main)
     t0, samples0 = time.time(), state.samples
     try:
         while state.step < total:
@@ -256,40 +278,39 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, overrides
                     if b is None:
                         break
                     micro.append(b)
-                n_tok = sum(supervised_tokens(b) for b in micro)
-                loss_sum = 0.0
-                for b in micro:
-                    state.skipped += b["skipped"]
-                    if not supervised_tokens(b):
-                        continue
-                    b = to_device(b, device)
-                    with autocast_ctx(device, precision):
-                        loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"])
-                    scaler.scale(loss / n_tok).backward()
+                use, n_tok = _step_plan(dist_, micro)
+                loss_sum, samples, truncated = 0.0, 0, 0
+                for i in use:
+                    b = to_device(micro[i], device)
+                    with engine.accumulate(is_last=i == use[-1]):
+                        with autocast_ctx(device, precision):
+                            loss, _ = engine.model(b["input_ids"], b["attention_mask"], b["labels"],
+                                                   b["pixel_values"])
+                        # DDP/ZeRO/FSDP average over ranks: x world_size makes it a sum over the global batch
+                        engine.backward(loss * dist_.world_size / n_tok)
                     loss_sum += float(loss.detach())
-                    state.samples += b["size"]
-                    state.truncated += b["truncated"]
-                if tc.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
-                else:
-                    grad_norm = float("nan")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
+                    samples, truncated = samples + b["size"], truncated + b["truncated"]
+                skipped = sum(b["skipped"] for b in micro)
+                loss_sum, samples, skipped, truncated = dist_.sum([loss_sum, samples, skipped, truncated])
+                state.samples, state.skipped = state.samples + int(samples), state.skipped + int(skipped)
+                state.truncated += int(truncated)
+                lr = engine.lr
+                grad_norm = engine.step()
                 state.step += 1
                 loss_val = loss_sum / max(n_tok, 1)
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"loss is {loss_val} at step {state.step}; lower train.lr or use fp32")
                 rate = (state.samples - samples0) / max(time.time() - t0, 1e-9)
-                with open(run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps({"step": state.step, "epoch": epoch, "loss": loss_val, "lr": lr,
-                                        "grad_norm": grad_norm, "tokens": n_tok}) + "\n")
-                writer.add_scalar("train/loss", loss_val, state.step)
-                writer.add_scalar("train/lr", lr, state.step)
-                writer.add_scalar("train/samples_per_s", rate, state.step)
+                if dist_.main:
+                    row = {"step": state.step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                           "tokens": n_tok}
+                    if report_memory:
+                        row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                    with open(run_dir / "log.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    writer.add_scalar("train/loss", loss_val, state.step)
+                    writer.add_scalar("train/lr", lr, state.step)
+                    writer.add_scalar("train/samples_per_s", rate, state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
                 if tc.log_every and state.step % tc.log_every == 0 and not sys.stderr.isatty():
@@ -299,20 +320,36 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, overrides
                     save()
                 if end_of_epoch and cfg.eval.mme_root and cfg.eval.every_n_epochs > 0 \
                         and (epoch + 1) % cfg.eval.every_n_epochs == 0:
-                    evaluate_during_training(cfg, model, tokenizer, template, run_dir, state.step, writer)
-                    model.train()
+                    _evaluate(cfg, engine, tokenizer, template, run_dir, state.step, writer)
                 if state.step >= total:
                     break
-    except BaseException:
-        if state.step > last_saved:
+    except BaseException as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            log.error(oom_hint(cfg))
+        if state.step > last_saved and dist_.world_size == 1:
             log.error("training stopped at step %d: saving what was trained before re-raising", state.step)
             save()
+        elif state.step > last_saved:  # other ranks may be gone: a collective save could hang
+            log.error("training stopped at step %d; the last checkpoint is step %d", state.step, last_saved)
         raise
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     if state.skipped or state.truncated:
         log.info("data: %d samples skipped, %d truncated to max_txt_len", state.skipped, state.truncated)
-    png = plot_losses(run_dir)
-    log.info("done: %d steps; loss curve %s", state.step, png)
+    if dist_.main:
+        log.info("done: %d steps; loss curve %s", state.step, plot_losses(run_dir))
     return run_dir
+
+
+def _evaluate(cfg: Config, engine: Engine, tokenizer, template, run_dir: Path, step: int, writer) -> None:
+    """MME during training needs whole weights in one process: rank 0 of a plain/DDP run; others wait."""
+    if engine.name not in ("plain", "ddp"):
+        log.warning("MME during training is skipped with engine %s: run `minigpt4qwen eval mme` on the checkpoint",
+                    engine.name)
+        return
+    if engine.dist.main:
+        evaluate_during_training(cfg, engine.module, tokenizer, template, run_dir, step, writer)
+    engine.module.train()
+    engine.dist.barrier()

@@ -1,0 +1,128 @@
+"""`minigpt4qwen bench` on tiny presets (CPU): every section runs and reports, the fast path computes the seed's
+objective, and the fast decoder reproduces HF greedy generation. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+from minigpt4qwen import bench
+from minigpt4qwen.config import ModelConfig
+from minigpt4qwen.models.minigpt4qwen import build_model
+from minigpt4qwen.serve.fastdecode import FastDecoder
+
+TINY = ["--device", "cpu", "--seq-min", "16", "--seq-max", "48", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+        "--gen-tokens", "4", "--eval-questions", "6", "--eval-batch", "4"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is faster, and far less fragile on a busy 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _records(path) -> dict[str, dict]:
+    return {r["variant"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_bench_all_reports_every_variant(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["all", *TINY, "--probe-memory", "--probe-max", "8", "--out", str(out)]) == 0
+    recs = _records(out)
+    timed = [*bench.DEFAULT_TRAIN[:-1], *bench.GENERATE_VARIANTS, *bench.EVAL_VARIANTS]  # no compile on CPU
+    for name in timed:
+        for field in bench.RESULT_FIELDS:
+            value = recs[name][field]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, field, value)
+    assert recs["objective-check"]["abs_diff"] < 1e-4
+    assert recs["fast-decode"]["match_hf"] == 1.0
+    assert recs["eval-fast-decode"]["match_hf"] == 1.0
+    assert recs["eval-fast-decode"]["questions"] == 6
+    assert recs["seed-style"]["padding_frac"] > recs["fast"]["padding_frac"]
+    assert recs["memory-fast"]["max_batch"] == recs["memory-fast-ckpt"]["max_batch"] == 8
+
+
+def test_failing_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = bench.train_variant
+
+    def flaky(b, name):
+        if name == "fast":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(b, name)
+
+    monkeypatch.setattr(bench, "train_variant", flaky)
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["train", *TINY, "--variants", "fast,fast-cached", "--out", str(out)]) == 1
+    recs = _records(out)
+    assert "out of memory" in recs["fast"]["error"]
+    assert recs["fast-cached"]["samples_per_s"] > 0
+
+
+def test_fast_path_computes_the_seed_objective():
+    """Same samples: seed-style (padded to the maximum, HF full-vocab loss) and fast (padded to the batch, answer-only
+    chunked CE) give the same loss and the same projector gradient."""
+    model = build_model(ModelConfig(vision="tiny", qformer="tiny", llm="random:tiny-qwen2"), "cpu").model
+    model.loss_chunk = 7  # several chunks
+    samples = bench.make_samples(3, 0, model.llm.config.vocab_size, model.image_token_id, model.num_query_tokens,
+                                 16, 48, 0.3)
+    images = bench.random_images(3, 32, torch.float32, torch.device("cpu"), 0)
+    results = []
+    for pad_to, hf_loss in ((48 + model.num_query_tokens, True), (None, False)):
+        batch = {**bench.pad_batch(samples, 0, pad_to), "pixel_values": images}
+        model.zero_grad()
+        loss = bench.batch_loss(model, batch, hf_loss)
+        loss.backward()
+        results.append((float(loss.detach()), model.llm_proj.weight.grad.clone()))
+    (seed_loss, seed_grad), (fast_loss, fast_grad) = results
+    assert fast_loss == pytest.approx(seed_loss, abs=1e-4)
+    torch.testing.assert_close(fast_grad, seed_grad, rtol=1e-4, atol=1e-6)
+
+
+def _sharpen(llm: torch.nn.Module) -> torch.nn.Module:
+    """Random init at std 0.02 repeats one token forever; larger weights make greedy paths that test something."""
+    with torch.no_grad():
+        for p in llm.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    return llm.eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fast_decoder_equals_hf_greedy(arch):
+    kw = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    # Qwen3 adds q_norm / k_norm and an explicit head_dim
+    cfg = Qwen2Config(**kw) if arch == "qwen2" else Qwen3Config(**kw, head_dim=32)
+    llm = _sharpen(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"))
+    ids = torch.randint(16, 500, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = mask[2, :7] = 0  # left padding, as batched generation uses
+    embeds = llm.get_input_embeddings()(ids).detach()
+    decoder = FastDecoder(llm, max_batch=4, max_len=40)
+    with torch.inference_mode():
+        free = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                            pad_token_id=0)
+    assert len(set(free[0].tolist())) > 3
+    eos = [int(free[0, 5]), int(free[1, 9]), int(free[2, 3])]  # every row stops, at different steps
+    for stop in ([], eos):
+        with torch.inference_mode():
+            hf = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                              eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
+        ours = decoder.generate(embeds, mask, 16, stop)
+        assert torch.equal(ours, hf), (stop, ours, hf)
+    assert decoder.generate(embeds[:1], mask[:1], 16).tolist() == free[:1].tolist()  # smaller batch, reused cache
+
+
+def test_train_variant_names():
+    assert bench.parse_train_variant("seed-style") == bench.TrainMode(pad_max=True, hf_loss=True, ckpt=True)
+    assert bench.parse_train_variant("fast-cached-compile-b48") == bench.TrainMode(cached=True, compile=True,
+                                                                                   batch_size=48)
+    with pytest.raises(ValueError):
+        bench.parse_train_variant("fast-turbo")

@@ -1,0 +1,208 @@
+"""Engines on CPU with gloo: 2-process DDP, DeepSpeed ZeRO-2/3 and FSDP2 runs match the single-process run, resume
+exactly after kill -9, and always leave one trainable.safetensors. Plus LoRA (stage 2), llm_lr and helper checks.
+
+Each multi-process run is `torchrun --nproc_per_node=2 -m minigpt4qwen train` in a subprocess. DeepSpeed's first
+CPU run compiles its shm extension (~1-3 min on 2 cores, cached in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from minigpt4qwen.config import Config, load_config, save_config
+from minigpt4qwen.train.checkpoint import WEIGHTS, latest_checkpoint, load_weights
+from minigpt4qwen.train.engines import consolidate, deepspeed_config, merge_lora, oom_hint, param_groups
+from minigpt4qwen.train.loop import train
+
+# the global batch is 8 samples in 2 micro-batches: 1 process x 4 x accum 2 == 2 processes x 2 x accum 2
+STEPS = 12
+COMMON = [f"train.max_steps={STEPS}", "train.grad_accum=2", "train.save_every_steps=3", "train.keep_last=0"]
+# sums over the global batch are added in another order across ranks: equal to ~1e-7 here
+PARITY = {"rel": 1e-5, "abs": 1e-6}
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}"]
+    return [*launcher, "-m", "minigpt4qwen", "train", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def _run(args: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(args, check=False, stdout=f, stderr=subprocess.STDOUT, env=ENV, timeout=400)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shapes_data) -> list[float]:
+    """The single-process run every engine must match."""
+    tmp = tmp_path_factory.mktemp("single")
+    return losses(train(tiny_config(tmp, shapes_data, *COMMON, "train.batch_size=4")))
+
+
+def _config(tmp: Path, data: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    cfg = tiny_config(tmp / name, data, *COMMON, "train.batch_size=2", *extra)
+    save_config(cfg, tmp / f"{name}.yaml")
+    return tmp / f"{name}.yaml", Path(cfg.train.output_dir)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _kill_mid_run(cfg_file: Path, run: Path, after_steps: int, log: Path) -> int:
+    """Start a 2-process run and SIGKILL the launcher and both workers (a node failure) mid-epoch."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_torchrun("--config", str(cfg_file)), stdout=f, stderr=subprocess.STDOUT, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= after_steps:
+            for pid in [*_children(proc.pid), proc.pid]:  # torchrun starts each worker in its own session
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed:\n" + log.read_text()
+    done = len(losses(run))
+    assert done < STEPS
+    time.sleep(0.5)  # workers may take a moment to disappear after SIGKILL
+    return done
+
+
+def _kill_and_resume(tmp: Path, data: Path, name: str, *extra: str) -> list[float]:
+    cfg_file, run = _config(tmp, data, name, *extra)
+    done = _kill_mid_run(cfg_file, run, 5, tmp / f"{name}-killed.log")
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and 3 <= int(ckpt.name.split("-")[1]) <= done
+    _run(_torchrun("--resume", str(run)), tmp / f"{name}-resume.log")
+    return losses(run)
+
+
+def test_ddp_two_processes_match_single_and_resume_exactly_after_kill(tmp_path, shapes_data, reference):
+    cfg_file, run = _config(tmp_path, shapes_data, "ddp")
+    _run(_torchrun("--config", str(cfg_file)), tmp_path / "ddp.log")
+    full = losses(run)
+    assert full == pytest.approx(reference, **PARITY)
+    assert set(load_weights(latest_checkpoint(run))) == {"llm_proj.weight", "llm_proj.bias"}
+    resumed = _kill_and_resume(tmp_path, shapes_data, "ddp-killed")
+    assert resumed == full  # bit-identical continuation: same data order, optimizer, schedule, RNG
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_matches_single_and_resumes_after_kill(tmp_path, shapes_data, reference):
+    pytest.importorskip("deepspeed")
+    resumed = _kill_and_resume(tmp_path, shapes_data, "zero2", "engine.name=deepspeed", "engine.zero_stage=2")
+    assert resumed == pytest.approx(reference, **PARITY)  # killed at step >= 5, resumed from its checkpoint
+    ckpt = latest_checkpoint(tmp_path / "zero2" / "run")
+    assert (ckpt / "deepspeed").is_dir() and (ckpt / WEIGHTS).is_file()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_matches_single_and_consolidates(tmp_path, shapes_data, reference):
+    pytest.importorskip("deepspeed")
+    cfg_file, run = _config(tmp_path, shapes_data, "zero3", "engine.name=deepspeed", "engine.zero_stage=3")
+    _run(_torchrun("--config", str(cfg_file)), tmp_path / "zero3.log")
+    assert losses(run) == pytest.approx(reference, **PARITY)
+    ckpt = latest_checkpoint(run)
+    gathered = load_file(str(ckpt / WEIGHTS))  # written by rank 0 from the partitioned parameters
+    (ckpt / WEIGHTS).unlink()
+    rebuilt = load_file(str(consolidate(run)))  # from the ZeRO-3 shards alone (zero_to_fp32)
+    assert set(rebuilt) == set(gathered) == {"llm_proj.weight", "llm_proj.bias"}
+    assert all(torch.equal(rebuilt[k], gathered[k]) for k in gathered)
+
+
+def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_data, reference):
+    cfg_file, run = _config(tmp_path, shapes_data, "fsdp", "engine.name=fsdp")
+    _run(_torchrun("--config", str(cfg_file)), tmp_path / "fsdp.log")
+    full = losses(run)
+    assert full == pytest.approx(reference, **PARITY)
+    ckpt = latest_checkpoint(run)
+    assert (ckpt / "fsdp").is_dir() and set(load_weights(ckpt)) == {"llm_proj.weight", "llm_proj.bias"}
+    # resume from the step-6 DCP checkpoint as if everything after it was lost
+    root = run / "checkpoints"
+    for later in [p for p in root.glob("step-*") if int(p.name.split("-")[1]) > 6]:
+        shutil.rmtree(later)
+    (root / "latest").write_text("step-00000006")
+    _run(_torchrun("--resume", str(run)), tmp_path / "fsdp-resume.log")
+    assert losses(run) == full
+
+
+# --------------------------------------------------------------------------------------------- in-process checks
+
+
+def test_lora_stage2_saves_loads_and_merges(tmp_path, shapes_data):
+    from minigpt4qwen.models.minigpt4qwen import build_model
+
+    cfg = tiny_config(tmp_path, shapes_data, "model.trainable.llm=lora", "train.max_steps=2", "train.llm_lr=5e-4")
+    run = train(cfg)
+    weights = load_weights(latest_checkpoint(run))
+    lora = [k for k in weights if "lora_" in k]
+    assert lora and {"llm_proj.weight", "llm_proj.bias"} <= set(weights)
+    model = build_model(load_config(run / "config.yaml").model).model.eval()  # no LoRA dropout
+    model.load_partial(weights, "trainable.safetensors")
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        before = model.llm(input_ids=ids).logits
+        merged = merge_lora(model)
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        assert torch.allclose(merged.llm(input_ids=ids).logits, before, atol=1e-4)
+
+
+def test_llm_lr_gets_its_own_param_groups(tmp_path, shapes_data):
+    from minigpt4qwen.models.minigpt4qwen import build_model
+
+    cfg = tiny_config(tmp_path, shapes_data, "model.trainable.llm=full")
+    model = build_model(cfg.model).model
+    groups = param_groups(model, 0.05, llm_lr=2e-5)
+    assert [g.get("lr") for g in groups] == [None, None, 2e-5, 2e-5]
+    llm_ids = {id(p) for p in model.llm.parameters()}
+    assert all(id(p) in llm_ids for g in groups[2:] for p in g["params"])
+    assert not any(id(p) in llm_ids for g in groups[:2] for p in g["params"])
+
+
+def test_deepspeed_config_is_filled_from_train_settings(tmp_path, shapes_data):
+    cfg: Config = tiny_config(tmp_path, shapes_data, "engine.name=deepspeed", "engine.zero_stage=3",
+                              "engine.offload_optimizer=true", "engine.offload_params=true", "train.max_grad_norm=0.5")
+    conf = deepspeed_config(cfg, "bf16")
+    assert conf["train_micro_batch_size_per_gpu"] == 4 and conf["gradient_accumulation_steps"] == 2
+    assert conf["gradient_clipping"] == 0.5 and conf["bf16"] == {"enabled": True}
+    assert conf["zero_optimization"]["stage"] == 3
+    assert conf["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert conf["zero_optimization"]["offload_param"]["device"] == "cpu"
+    for stage in range(4):
+        assert deepspeed_config(tiny_config(tmp_path, shapes_data, f"engine.zero_stage={stage}"), "fp32")[
+            "zero_optimization"]["stage"] == stage
+    hint = oom_hint(cfg)
+    assert hint.startswith("CUDA out of memory; try") and "grad_checkpointing_llm=true" in hint
