@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("minigpt4qwen")
@@ -31,7 +32,8 @@ def _train(args) -> int:
         if not args.config:
             raise SystemExit("train needs --config FILE.yaml (or --resume RUN_DIR)")
         run = train(load_config(args.config, args.overrides), resume=args.resume)
-    print(f"run directory: {run}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {run}")
     return 0
 
 
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config (dotted key=value overrides after it)")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--resume", help="run directory to continue from its newest checkpoint")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed launcher
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_txt_len=128")
     t.set_defaults(fn=_train)
 
@@ -97,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_make_data)
 
-    from .serve.api import add_serve_args
-    from .serve.webui import add_webui_args
+    from .serve.args import add_serve_args, add_webui_args
 
     w = sub.add_parser("webui", help="Gradio web UI: upload images, chat with streamed answers")
     add_webui_args(w)

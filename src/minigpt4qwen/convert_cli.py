@@ -373,6 +373,18 @@ def add_convert_args(subparsers) -> None:
     back.add_argument("--out", required=True, help="output .pth")
     back.set_defaults(fn=_to_seed)
 
+    zero = sub.add_parser("zero-to-safetensors",
+                          help="any engine's checkpoint (DeepSpeed ZeRO-0..3, FSDP2/DCP) -> trainable.safetensors")
+    zero.add_argument("path", help="run directory, checkpoint directory, or a DeepSpeed directory with `latest`")
+    zero.set_defaults(fn=_zero_to_safetensors)
+
+
+def _zero_to_safetensors(args) -> int:
+    from .train.engines import consolidate
+
+    print(consolidate(args.path))
+    return 0
+
 
 def add_info_args(subparsers) -> None:
     """Register ``info``: parameter counts per part, on the meta device."""

@@ -100,7 +100,7 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> dict[str, list[tuple[str,
 
 
 def write_dataset(out: str | Path, n_train: int = 2000, n_heldout: int = 200, image_size: int = 96, seed: int = 0,
-                  n_mme: int = 40, llava_share: float = 0.25) -> dict:
+                  n_mme: int = 40, llava_share: float = 0.25, yes_no_share: float = 0.0) -> dict:
     """Write the synthetic data set; returns paths and counts."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_heldout: int = 200, im
         name = f"images/train_{i:05d}.png"
         draw_scene(scene, rng, image_size).save(out / name)
         qa = scene.qa()
-        if rng.random() < 0.5:  # a yes/no question too, so the model also answers MME-style questions
+        if rng.random() < yes_no_share:  # MME-style yes/no questions (off in the demo: they cost CPU time)
             kind, pair = rng.choice(list(_yes_no_pairs(scene, rng).items()))
             qa.append((kind, *rng.choice(pair)))
         rng.shuffle(qa)

@@ -46,6 +46,8 @@ from starlette.exceptions import HTTPException
 
 from ..data.conversation import IMAGE_PROMPT, OverlongError, Turn
 from ..data.images import ImageError
+from .args import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from .args import add_serve_args as add_serve_args  # re-exported: the command's options live in args.py
 from .batcher import Batcher, Delta, Failure, Finish, Job
 from .generate import Assistant, GenerationSettings
 
@@ -62,8 +64,8 @@ _DATA_URL = re.compile(r"data:image/(png|jpe?g);base64,(.*)", re.S | re.I)
 class ImageLimits:
     """What an uploaded image may cost: bytes on the wire and pixels after decoding (decompression bombs)."""
 
-    max_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 4096 * 4096
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
     formats: tuple[str, ...] = ("PNG", "JPEG")
 
 
@@ -484,27 +486,6 @@ def load_test(base_url: str, clients: int = 32, requests: int = 64, max_tokens: 
     print(f"load test: {clients} streaming clients, {requests} requests, {len(latencies)} ok, {len(failures)} failed; "
           f"latency p50 {stats['p50_s']} s, p95 {stats['p95_s']} s; {stats['requests_per_s']} requests/s")
     return stats
-
-
-def add_common_serve_args(p: argparse.ArgumentParser, port: int) -> None:
-    """Options the web UI and the API share."""
-    p.add_argument("--checkpoint", required=True, help="run directory (or one of its checkpoint directories)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
-    p.add_argument("--port", type=int, default=port)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes, help="largest upload accepted")
-    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
-                   help="largest decoded image (width x height) accepted")
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    add_common_serve_args(p, 8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--model-name", default="minigpt4qwen", help="the model id clients send")
-    p.add_argument("--allow-remote-images", dest="allowed_hosts", action="append", default=[], metavar="HOST",
-                   help="fetch http(s) image URLs from HOST (repeat; '*' for any); default: data: URLs only")
-    p.add_argument("--max-batch", type=int, default=8, help="most answers decoded together in one batch")
-    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
 
 
 def run_api(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..data.conversation import Turn
 from ..data.images import ImageError
-from .api import ImageLimits, add_common_serve_args, open_image
+from .api import ImageLimits, open_image
+from .args import add_webui_args as add_webui_args  # re-exported: the command's options live in args.py
 from .cli import ChatSession
 from .generate import Assistant, GenerationSettings
 
@@ -136,10 +137,6 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, limits: ImageL
         show_error=True, enable_monitoring=False, ssr_mode=False, pwa=False, mcp_server=False, quiet=not block,
         footer_links=[],
     )
-
-
-def add_webui_args(p: argparse.ArgumentParser) -> None:
-    add_common_serve_args(p, 7860)
 
 
 def run_webui(args: argparse.Namespace) -> int:
