@@ -151,3 +151,15 @@ def test_chat_cli_reports_bad_image_in_one_line(tiny_run, tmp_path):
                               "--query", "hi"), capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: image ") and "missing.png" in out.stderr
+
+
+def test_cached_features_give_the_same_losses(tmp_path, shapes_data):
+    """Training from cached Q-Former features is the same computation as running the frozen towers every step."""
+    from minigpt4qwen.config import ConfigError
+
+    plain = train(tiny_config(tmp_path / "plain", shapes_data, "train.max_steps=3"))
+    cached = train(tiny_config(tmp_path / "cached", shapes_data, "train.max_steps=3", "data.cache_features=true"))
+    assert losses(cached) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+    with pytest.raises(ConfigError, match="cache_features needs"):
+        train(tiny_config(tmp_path / "bad", shapes_data, "train.max_steps=1", "data.cache_features=true",
+                          "data.hflip=true"))

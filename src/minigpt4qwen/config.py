@@ -138,6 +138,9 @@ class DataConfig:
     """error | skip: what a missing/corrupt image or malformed row does (skips are counted and reported)."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    cache_features: bool = False
+    """Run the frozen ViT + Q-Former once per image and train from the cached query features (needs
+    random_resized_crop, hflip off and vision/qformer frozen). H100, 7B: 51 -> 69 samples/s."""
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):

@@ -21,11 +21,13 @@ def collate(items: list[dict | None], pad_id: int) -> dict:
         n = len(x["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["labels"], 1
     pixels = [x["pixel_values"] for x in kept if x["pixel_values"] is not None]
+    feats = [x["features"] for x in kept if x.get("features") is not None]
     batch.update(
         input_ids=ids,
         labels=labels,
         attention_mask=mask,
         pixel_values=torch.cat(pixels) if pixels else None,
+        features=torch.cat(feats) if feats else None,
         truncated=sum(bool(x["truncated"]) for x in kept),
     )
     return batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -45,6 +46,7 @@ class InstructionDataset(Dataset):
             self.stats.skipped_rows += len(skipped)
             for line in skipped[:5]:
                 log.warning("skipped: %s", line)
+        self.features: dict[Path, torch.Tensor] | None = None  # set by cache_features(): no images loaded then
         self.stats.rows = len(self.samples)
         if not self.samples:
             raise BadSampleError("no usable samples in " + ", ".join(str(s.path) for s in specs))
@@ -71,7 +73,11 @@ class InstructionDataset(Dataset):
             enc = self.template.encode(sample.turns, self.max_txt_len)
             # one generator per (seed, epoch, index): the same crops whatever the worker count or resume point
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            pixels = [self.processor(load_image(sample.images[i]), gen) for i in enc.kept_images]
+            if self.features is not None:
+                feats = [self.features[sample.images[i]] for i in enc.kept_images]
+                pixels = []
+            else:
+                pixels = [self.processor(load_image(sample.images[i]), gen) for i in enc.kept_images]
         except (ImageError, OverlongError) as exc:
             if self.on_bad != "skip":
                 raise type(exc)(f"{sample.source}: {exc} (or set data.on_bad_sample=skip)") from None
@@ -81,9 +87,43 @@ class InstructionDataset(Dataset):
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
             "pixel_values": torch.stack(pixels) if pixels else None,
+            "features": torch.stack(feats) if self.features is not None and feats else None,
             "truncated": enc.truncated,
             "source": sample.source,
         }
+
+
+    def image_paths(self) -> list[Path]:
+        return sorted({p for s in self.samples for p in s.images})
+
+    @torch.no_grad()
+    def cache_features(self, encode, batch_size: int = 64) -> None:
+        """Compute `encode(pixels) -> (N, Q, D)` once per distinct image (eval preprocessing, no augmentation).
+
+        Images that fail to load follow on_bad_sample: error names the file, skip drops the samples using them.
+        """
+        from tqdm.auto import tqdm
+
+        proc = ImageProcessor(self.processor.size, train=False)
+        paths, feats, bad = self.image_paths(), {}, set()
+        for i in tqdm(range(0, len(paths), batch_size), desc="caching image features", leave=False):
+            chunk, pixels = [], []
+            for p in paths[i : i + batch_size]:
+                try:
+                    pixels.append(proc(load_image(p)))
+                    chunk.append(p)
+                except ImageError as exc:
+                    if self.on_bad != "skip":
+                        raise ImageError(f"{exc} (or set data.on_bad_sample=skip)") from None
+                    bad.add(p)
+            if pixels:
+                out = encode(torch.stack(pixels)).cpu()
+                feats.update(zip(chunk, out.unbind(0)))
+        if bad:
+            log.warning("%d image(s) could not be loaded; their samples are skipped", len(bad))
+            self.samples = [s for s in self.samples if not bad.intersection(s.images)]
+            self.stats.skipped_images += len(bad)
+        self.features = feats
 
 
 class ResumableSampler(Sampler[int]):

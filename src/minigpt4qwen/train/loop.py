@@ -21,7 +21,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, load_config, to_dict
+from ..config import Config, ConfigError, load_config, to_dict
 from ..data.collate import collate
 from ..data.conversation import IGNORE_INDEX, ChatTemplate
 from ..data.dataset import InstructionDataset, ResumableSampler
@@ -114,6 +114,20 @@ def plot_losses(run_dir: Path) -> Path | None:
     return out
 
 
+def cache_image_features(cfg: Config, model, dataset: InstructionDataset) -> None:
+    """Fill the dataset's per-image Q-Former feature cache; refuses when features would change per epoch."""
+    t = cfg.model.trainable
+    if cfg.data.random_resized_crop or cfg.data.hflip or t.vision != "frozen" or t.qformer != "frozen":
+        raise ConfigError("data.cache_features needs data.random_resized_crop=false, data.hflip=false and frozen "
+                          "model.trainable.vision/qformer (cached features cannot change between epochs)")
+    start = time.time()
+    was_training = model.training
+    model.eval()
+    dataset.cache_features(model.qformer_features, batch_size=64)
+    model.train(was_training)
+    log.info("cached Q-Former features of %d images in %.1f s", len(dataset.features), time.time() - start)
+
+
 def evaluate_during_training(cfg: Config, model, tokenizer, template, run_dir: Path, step: int, writer) -> dict:
     """MME on the weights just saved, in-process; scores go to TensorBoard and RUN_DIR/eval/mme-step-N/."""
     from ..eval.run import run_mme
@@ -201,6 +215,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
     processor = ImageProcessor(image_size(cfg, model), train=True, crop_scale_min=cfg.data.crop_scale_min,
                                hflip=cfg.data.hflip, random_resized_crop=cfg.data.random_resized_crop)
     dataset = InstructionDataset(cfg.data.train, template, processor, cfg.data, seed=tc.seed)
+    if cfg.data.cache_features:
+        cache_image_features(cfg, model, dataset)
     # rank r takes every world_size-th sample: 2 ranks x batch b see per step what 1 rank x batch 2b sees
     sampler = ResumableSampler(len(dataset), tc.seed, rank=dist_.rank, world_size=dist_.world_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -285,7 +301,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
                     with engine.accumulate(is_last=i == use[-1]):
                         with autocast_ctx(device, precision):
                             loss, _ = engine.model(b["input_ids"], b["attention_mask"], b["labels"],
-                                                   b["pixel_values"])
+                                                   b["pixel_values"], b.get("features"))
                         # DDP/ZeRO/FSDP average over ranks: x world_size makes it a sum over the global batch
                         engine.backward(loss * dist_.world_size / n_tok)
                     loss_sum += float(loss.detach())
