@@ -163,3 +163,20 @@ def test_cached_features_give_the_same_losses(tmp_path, shapes_data):
     with pytest.raises(ConfigError, match="cache_features needs"):
         train(tiny_config(tmp_path / "bad", shapes_data, "train.max_steps=1", "data.cache_features=true",
                           "data.hflip=true"))
+
+
+def test_fast_decoder_path_gives_the_same_answers(tiny_run, shapes_data):
+    """Greedy batches through FastDecoder (the CUDA default) equal HF generate's answers."""
+    from minigpt4qwen.data.conversation import IMAGE_PROMPT, Turn
+    from minigpt4qwen.serve.generate import Assistant, GenerationSettings
+
+    a = Assistant.from_run(tiny_run, device="cpu")
+    convs = [[Turn("user", f"{IMAGE_PROMPT} {q}")] for q in ("What color is it?", "How many shapes are there now?")]
+    imgs = [[shapes_data / "images/heldout_00000.png"], [shapes_data / "images/heldout_00001.png"]]
+    s = GenerationSettings(max_new_tokens=6)
+    a.fast_decode = False
+    ref = a.model.llm.generate(**a._generate_kwargs(convs, imgs, s))
+    a.fast_decode = True
+    fast = a._fast_decode(a._generate_kwargs(convs, imgs, s), 6)
+    assert torch.equal(fast[:, : ref.shape[1]], ref)
+    assert a.generate(convs, imgs, s) == [t.strip() for t in a.tokenizer.batch_decode(ref, skip_special_tokens=True)]

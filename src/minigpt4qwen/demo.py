@@ -86,8 +86,8 @@ def pretrain_vision(cfg: Config, out: Path, steps: int, seed: int = 0, batch: in
 
     t0 = time.time()
     for step in range(1, steps + 1):
-        for group in opt.param_groups:  # warmup, then cosine decay: the last steps polish the features
-            group["lr"] = lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:  # cosine decay: the last steps polish the features
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         pixels, labels = batch_of(batch)
         logits = run(pixels)
         loss = sum(F.cross_entropy(logits[k], labels[k]) for k in logits)
@@ -149,8 +149,8 @@ def run_demo(args) -> int:
     cfg.train.output_dir = str(out / "run")
     cfg.data.train = [DatasetSpec(str(data / "train_seed.json")), DatasetSpec(str(data / "train_llava.json"))]
     if fast:
-        cfg.train.max_steps = 120  # 40% of the demo's steps
-    cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 1500))
+        cfg.train.max_steps = 80  # 45% of the demo's steps
+    cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 1200))
     run_dir = train(cfg)
     assistant = Assistant.from_run(run_dir)
     rows = json.loads((data / "heldout.json").read_text())

@@ -115,6 +115,7 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_heldout: int = 200, im
             kind, pair = rng.choice(list(_yes_no_pairs(scene, rng).items()))
             qa.append((kind, *rng.choice(pair)))
         rng.shuffle(qa)
+        qa = qa[: rng.randint(2, len(qa))]
         if rng.random() < llava_share:
             conv = []
             for k, (_, q, a) in enumerate(qa):

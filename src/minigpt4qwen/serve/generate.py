@@ -55,6 +55,8 @@ class Assistant:
         self.processor = processor
         self.max_txt_len = max_txt_len
         self.lock = threading.Lock()
+        self.fast_decode: bool | None = None  # None: on CUDA only
+        self._decoder = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None, max_txt_len: int | None = None) -> "Assistant":
@@ -132,8 +134,31 @@ class Assistant:
         """Answers for a batch (num_return_sequences answers per conversation, in order)."""
         settings = settings or GenerationSettings()
         with self.lock:
-            out = self.model.llm.generate(**self._generate_kwargs(conversations, images, settings))
+            kwargs = self._generate_kwargs(conversations, images, settings)
+            if self._use_fast_decoder(settings):
+                out = self._fast_decode(kwargs, settings.max_new_tokens)
+            else:
+                out = self.model.llm.generate(**kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _use_fast_decoder(self, s: GenerationSettings) -> bool:
+        """Plain greedy batches go through FastDecoder (static KV cache + CUDA graphs): same tokens, ~8x faster."""
+        wanted = self.fast_decode if self.fast_decode is not None else self.model.device.type == "cuda"
+        plain = not s.do_sample and s.num_beams == 1 and s.num_return_sequences == 1 and s.repetition_penalty == 1.0
+        return bool(wanted and plain)
+
+    def _fast_decode(self, kwargs: dict, max_new_tokens: int) -> torch.Tensor:
+        from .fastdecode import FastDecoder
+
+        b, p = kwargs["attention_mask"].shape
+        need_len, need_batch = p + max_new_tokens, b
+        dec = self._decoder
+        if dec is None or dec.max_batch < need_batch or dec.max_len < need_len:
+            # grow in coarse steps so that a new decoder (and CUDA graph capture) is rare
+            size = (max(need_batch, dec.max_batch if dec else 1), max(2 * need_len, dec.max_len if dec else 256))
+            self._decoder = dec = FastDecoder(self.model.llm, max_batch=size[0], max_len=size[1])
+        return dec.generate(kwargs["inputs_embeds"], kwargs["attention_mask"], max_new_tokens,
+                            kwargs["eos_token_id"], kwargs["pad_token_id"])
 
     def stream(self, turns: list[Turn], images: list, settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yield text pieces of one answer as they are generated."""
