@@ -149,7 +149,7 @@ def run_demo(args) -> int:
     cfg.train.output_dir = str(out / "run")
     cfg.data.train = [DatasetSpec(str(data / "train_seed.json")), DatasetSpec(str(data / "train_llava.json"))]
     if fast:
-        cfg.train.max_steps = 80  # 45% of the demo's steps
+        cfg.train.max_steps = 80  # 40% of the demo's steps
     cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 1200))
     run_dir = train(cfg)
     assistant = Assistant.from_run(run_dir)
