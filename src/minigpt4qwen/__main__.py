@@ -59,7 +59,7 @@ def _make_data(args) -> int:
     from .data.synthetic import write_dataset
 
     info = write_dataset(args.out, n_train=args.n_train, n_heldout=args.n_heldout, image_size=args.image_size,
-                         seed=args.seed)
+                         seed=args.seed, yes_no_share=args.yes_no_share)
     for k, v in info.items():
         print(f"{k}: {v}")
     return 0
@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--n-train", type=int, default=2000)
     m.add_argument("--n-heldout", type=int, default=200)
-    m.add_argument("--image-size", type=int, default=64)
+    m.add_argument("--image-size", type=int, default=96)
+    m.add_argument("--yes-no-share", type=float, default=0.0,
+                   help="share of training conversations that also get an MME-style yes/no question")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_make_data)
 

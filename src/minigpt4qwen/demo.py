@@ -139,7 +139,7 @@ def run_demo(args) -> int:
     t_start = time.time()
     out = Path(args.out)
     fast = bool(args.fast)
-    n_train, n_heldout = (600, 60) if fast else (1600, 200)
+    n_train, n_heldout = (1200, 60) if fast else (1600, 200)
     data = out / "data"
     if not (data / "heldout.json").is_file():
         info = write_dataset(data, n_train=n_train, n_heldout=n_heldout, seed=0)
@@ -149,7 +149,7 @@ def run_demo(args) -> int:
     cfg.train.output_dir = str(out / "run")
     cfg.data.train = [DatasetSpec(str(data / "train_seed.json")), DatasetSpec(str(data / "train_llava.json"))]
     if fast:
-        cfg.train.max_steps = 80  # 40% of the demo's steps
+        cfg.train.max_steps = 140  # 70% of the demo's steps
     cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 1200))
     run_dir = train(cfg)
     assistant = Assistant.from_run(run_dir)
