@@ -150,7 +150,7 @@ def run_demo(args) -> int:
     cfg.data.train = [DatasetSpec(str(data / "train_seed.json")), DatasetSpec(str(data / "train_llava.json"))]
     if fast:
         cfg.train.max_steps = 140  # 70% of the demo's steps
-    cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 1200))
+    cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 800))
     run_dir = train(cfg)
     assistant = Assistant.from_run(run_dir)
     rows = json.loads((data / "heldout.json").read_text())
