@@ -52,9 +52,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 
 
 def _run(args: list[str], log: Path) -> None:
-    with open(log, "w") as f:
-        proc = subprocess.run(args, check=False, stdout=f, stderr=subprocess.STDOUT, env=ENV, timeout=400)
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    for attempt in range(2):
+        with open(log, "w") as f:
+            proc = subprocess.run(args, check=False, stdout=f, stderr=subprocess.STDOUT, env=ENV, timeout=400)
+        text = log.read_text()
+        # the free port picked by _port() can be taken before torchrun binds it: retry once on a new one
+        if proc.returncode == 0 or attempt or "ddress already in use" not in text:
+            break
+        args = [f"--master_port={_port()}" if a.startswith("--master_port=") else a for a in args]
+    assert proc.returncode == 0, text[-3000:]
 
 
 @pytest.fixture(scope="module")

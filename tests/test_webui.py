@@ -98,7 +98,12 @@ def test_browser_chat_round_trip(tiny_run, shapes_data, tmp_path):
             page.locator("#gallery img").first.wait_for(timeout=30_000)
             ask("What is in the image?", first, 1)
             page.get_by_text("Generation").click()
-            page.get_by_label("seed (-1: random)").fill("4")
+            seed_box = page.get_by_label("seed (-1: random)")
+            seed_box.wait_for(state="visible", timeout=10_000)
+            seed_box.fill("4")
+            seed_box.press("Tab")  # commit the number (Gradio reads it on blur as well as on input)
+            sync_api.expect(seed_box).to_have_value("4")
+            page.wait_for_timeout(500)  # let the front end store the value before the next event reads it
             ask("And its color?", second, 2)
             page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
 
