@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from minigpt4qwen import bench
 from minigpt4qwen.config import ModelConfig
-from minigpt4qwen.models.minigpt4qwen import build_model
+from minigpt4qwen.models.minigpt4qwen import _right_padded, build_model
 from minigpt4qwen.serve.fastdecode import FastDecoder
 
 TINY = ["--device", "cpu", "--seq-min", "16", "--seq-max", "48", "--batch-size", "2", "--steps", "2", "--warmup", "1",
@@ -36,7 +36,9 @@ def test_bench_all_reports_every_variant(tmp_path):
     out = tmp_path / "bench.jsonl"
     assert bench.main(["all", *TINY, "--probe-memory", "--probe-max", "8", "--out", str(out)]) == 0
     recs = _records(out)
-    timed = [*bench.DEFAULT_TRAIN[:-1], *bench.GENERATE_VARIANTS, *bench.EVAL_VARIANTS]  # no compile on CPU
+    timed = [v for v in (*bench.DEFAULT_TRAIN, *bench.GENERATE_VARIANTS, *bench.EVAL_VARIANTS)
+             if not bench.compiles(v)]  # no compiling on CPU
+    assert not any(bench.compiles(v) for v in recs)
     for name in timed:
         for field in bench.RESULT_FIELDS:
             value = recs[name][field]
@@ -44,6 +46,7 @@ def test_bench_all_reports_every_variant(tmp_path):
     assert recs["objective-check"]["abs_diff"] < 1e-4
     assert recs["fast-decode"]["match_hf"] == 1.0
     assert recs["eval-fast-decode"]["match_hf"] == 1.0
+    assert recs["fast-decode-fused"]["match_hf"] == recs["eval-fast-decode-fused"]["match_hf"] == 1.0
     assert recs["eval-fast-decode"]["questions"] == 6
     assert recs["seed-style"]["padding_frac"] > recs["fast"]["padding_frac"]
     assert recs["memory-fast"]["max_batch"] == recs["memory-fast-ckpt"]["max_batch"] == 8
@@ -66,8 +69,8 @@ def test_failing_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
 
 
 def test_fast_path_computes_the_seed_objective():
-    """Same samples: seed-style (padded to the maximum, HF full-vocab loss) and fast (padded to the batch, answer-only
-    chunked CE) give the same loss and the same projector gradient."""
+    """Same samples: seed-style (padded to the maximum with a padding mask, HF full-vocab loss) and fast (padded to the
+    batch, no padding mask as the rows are right-padded, answer-only chunked CE) give the same loss and gradient."""
     model = build_model(ModelConfig(vision="tiny", qformer="tiny", llm="random:tiny-qwen2"), "cpu").model
     model.loss_chunk = 7  # several chunks
     samples = bench.make_samples(3, 0, model.llm.config.vocab_size, model.image_token_id, model.num_query_tokens,
@@ -76,6 +79,7 @@ def test_fast_path_computes_the_seed_objective():
     results = []
     for pad_to, hf_loss in ((48 + model.num_query_tokens, True), (None, False)):
         batch = {**bench.pad_batch(samples, 0, pad_to), "pixel_values": images}
+        assert _right_padded(batch["attention_mask"]) and not bool(batch["attention_mask"].all())
         model.zero_grad()
         loss = bench.batch_loss(model, batch, hf_loss)
         loss.backward()
@@ -91,11 +95,11 @@ def _sharpen(llm: torch.nn.Module) -> torch.nn.Module:
         for p in llm.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)
-    return llm.eval()
+    return llm.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_fast_decoder_equals_hf_greedy(arch):
+@pytest.mark.parametrize("arch,fuse", [("qwen2", False), ("qwen3", False), ("qwen2", True), ("qwen3", True)])
+def test_fast_decoder_equals_hf_greedy(arch, fuse):
     kw = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
     # Qwen3 adds q_norm / k_norm and an explicit head_dim
@@ -105,7 +109,15 @@ def test_fast_decoder_equals_hf_greedy(arch):
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, :4] = mask[2, :7] = 0  # left padding, as batched generation uses
     embeds = llm.get_input_embeddings()(ids).detach()
-    decoder = FastDecoder(llm, max_batch=4, max_len=40)
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    # built before HF runs: with fuse, HF's own modules then read the re-pointed (fused) weights
+    decoder = FastDecoder(llm, max_batch=4, max_len=40, fuse=fuse)
+    if fuse:
+        assert all("qkv" in f and "gate_up" in f for f in decoder.fused)
+        attn = llm.model.layers[0].self_attn
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    after = llm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # same values under the same names
     with torch.inference_mode():
         free = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=16, do_sample=False,
                             pad_token_id=0)
@@ -121,7 +133,9 @@ def test_fast_decoder_equals_hf_greedy(arch):
 
 
 def test_train_variant_names():
-    assert bench.parse_train_variant("seed-style") == bench.TrainMode(pad_max=True, hf_loss=True, ckpt=True)
+    assert bench.parse_train_variant("seed-style") == bench.TrainMode(pad_max=True, hf_loss=True, ckpt=True,
+                                                                      pad_mask=True)
+    assert bench.parse_train_variant("fast-cached-scompile").static_compile
     assert bench.parse_train_variant("fast-cached-compile-b48") == bench.TrainMode(cached=True, compile=True,
                                                                                    batch_size=48)
     with pytest.raises(ValueError):

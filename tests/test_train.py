@@ -180,3 +180,17 @@ def test_fast_decoder_path_gives_the_same_answers(tiny_run, shapes_data):
     fast = a._fast_decode(a._generate_kwargs(convs, imgs, s), 6)
     assert torch.equal(fast[:, : ref.shape[1]], ref)
     assert a.generate(convs, imgs, s) == [t.strip() for t in a.tokenizer.batch_decode(ref, skip_special_tokens=True)]
+
+
+def test_compiled_llm_layers_train_the_same(tmp_path, shapes_data):
+    """train.compile traces every decoder layer with torch.compile (aot_eager: the same graphs as inductor gets,
+    without generating kernels on a CI CPU); the losses equal the eager run's and the layers share compiled code."""
+    from torch._dynamo.utils import counters
+
+    plain = train(tiny_config(tmp_path / "plain", shapes_data, "train.max_steps=3"))
+    counters.clear()
+    compiled = train(tiny_config(tmp_path / "compiled", shapes_data, "train.max_steps=3", "train.compile=true",
+                                 "train.compile_backend=aot_eager"))
+    assert losses(compiled) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+    frames = counters["frames"]["ok"]
+    assert 1 <= frames <= 4, f"{frames} compiled frames: the layers should share one compiled graph"

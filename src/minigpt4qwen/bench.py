@@ -38,11 +38,13 @@ from .train.loop import autocast_ctx, param_groups, resolve_device
 log = logging.getLogger("minigpt4qwen.bench")
 
 PRESETS = {"cuda": ("eva-vit-g", "blip2-qformer", "random:qwen-7b"), "cpu": ("tiny", "tiny", "random:tiny-qwen2")}
-DEFAULT_TRAIN = ("seed-style", "fast-padmax-ckpt", "fast-ckpt", "fast", "fast-cached", "fast-cached-compile")
-"""A ladder: each variant drops one lever of the one before (answer-only loss, length sorting, no recompute,
-cached image features, compiled layers), so consecutive lines give each lever's worth at the same batch size."""
-GENERATE_VARIANTS = ("hf-generate", "fast-decode")
-EVAL_VARIANTS = ("eval-hf-generate", "eval-fast-decode")
+DEFAULT_TRAIN = ("seed-style", "fast-padmax-ckpt-padmask", "fast-ckpt-padmask", "fast-padmask", "fast",
+                 "fast-cached", "fast-cached-compile", "fast-cached-scompile")
+"""A ladder: each variant drops one lever of the one before (answer-only loss, length sorting, no recompute, no
+padding mask, cached image features, compiled layers), so consecutive lines give each lever's worth at one batch size."""
+GENERATE_VARIANTS = ("hf-generate", "fast-decode", "fast-decode-fused", "fast-decode-compile", "fast-decode-compile-fused")
+"""Also accepted: fast-decode[-autotune][-fused] (inductor max-autotune; its kernel search takes minutes)."""
+EVAL_VARIANTS = ("eval-hf-generate", "eval-fast-decode", "eval-fast-decode-fused")
 RESULT_FIELDS = ("samples_per_s", "tokens_per_s", "step_s", "flops_per_sample", "mfu", "peak_mem_gib")
 GIB = 2**30
 
@@ -63,7 +65,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int,
                    help="training micro-batch (cuda 32 / cpu 4); a -bN variant suffix overrides it")
     p.add_argument("--steps", type=int, help="measured training steps (cuda 10 / cpu 2)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (cuda 3 / cpu 1)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed steps first (cuda: one pass over the timed batches, so every shape has met the "
+                        "allocator and cuBLAS before timing / cpu 1)")
     p.add_argument("--seq-min", type=int, default=64, help="text tokens per sample, lower bound")
     p.add_argument("--seq-max", type=int, default=256, help="text tokens per sample, upper bound")
     p.add_argument("--answer-frac", type=float, default=0.3, help="share of text tokens supervised (trailing span)")
@@ -76,6 +80,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-memory", action="store_true", help="largest micro-batch of `fast`, with/without ckpt")
     p.add_argument("--probe-max", type=int, help="largest batch the probe tries (cuda 4096 / cpu 16)")
     p.add_argument("--budget-s", type=float, default=400.0, help="variants not started by then are reported skipped")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 2 steps of each training variant: GPU time by kernel class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also append the JSON lines to this file")
 
@@ -83,14 +89,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 def _defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """Fill the device-dependent defaults (real size on CUDA, tiny and short on CPU)."""
     cuda = device.type == "cuda"
-    table = {"batch_size": (32, 4), "steps": (10, 2), "warmup": (3, 1), "gen_tokens": (128, 8), "gen_repeats": (2, 1),
+    table = {"batch_size": (32, 4), "steps": (10, 2), "warmup": (-1, 1), "gen_tokens": (128, 8), "gen_repeats": (2, 1),
              "eval_questions": (2374, 24), "eval_batch": (128, 8), "probe_max": (4096, 16)}
     filled = {k: v[0 if cuda else 1] for k, v in table.items() if getattr(args, k, None) is None}
     vision, qformer, llm = PRESETS["cuda" if cuda else "cpu"]
     filled.update({k: v for k, v in (("vision", vision), ("qformer", qformer), ("llm", llm))
                    if getattr(args, k, None) is None})
     args = argparse.Namespace(**{**vars(args), **filled})
-    if args.steps < 1 or args.warmup < 0 or not 0 < args.seq_min <= args.seq_max:
+    if args.steps < 1 or args.warmup < -1 or not 0 < args.seq_min <= args.seq_max:
         raise ValueError("need --steps >= 1, --warmup >= 0 and 0 < --seq-min <= --seq-max")
     return args
 
@@ -345,21 +351,31 @@ class TrainMode:
     ckpt: bool = False
     cached: bool = False
     compile: bool = False
+    static_compile: bool = False
+    pad_mask: bool = False
     batch_size: int | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile or self.static_compile
 
 
 def parse_train_variant(name: str) -> TrainMode:
-    """`seed-style`, or `fast` plus any of -padmax -hfloss -ckpt -cached -compile -bN (e.g. fast-cached-b48).
+    """`seed-style`, or `fast` plus any of -padmax -hfloss -ckpt -padmask -cached -compile -scompile -bN.
 
-    seed-style = fast-padmax-hfloss-ckpt: padded to seq-max + image positions, full-vocabulary logits and HF's loss,
-    LLM activation checkpointing, vision every step. `fast` is the package's training forward as `train` runs it.
+    seed-style = fast-padmax-hfloss-ckpt-padmask: padded to seq-max + image positions, full-vocabulary logits and
+    HF's loss, LLM activation checkpointing, a padding mask, vision every step. `fast` is the package's training
+    forward as `train` runs it. -padmask keeps the padding mask (masked SDPA kernel) where `fast` drops it for
+    right-padded batches; -compile = `layer.compile(dynamic=True)` per decoder layer; -scompile = static shapes
+    (dynamic=False, batches padded to a multiple of 64, every shape compiled during warm-up).
     """
     if name == "seed-style":
-        return TrainMode(pad_max=True, hf_loss=True, ckpt=True)
+        return TrainMode(pad_max=True, hf_loss=True, ckpt=True, pad_mask=True)
     head, *tokens = name.split("-")
     if head != "fast":
         raise ValueError(f"unknown training variant {name!r}: use seed-style or fast[-padmax|-hfloss|-ckpt|...]")
-    flags = {"padmax": "pad_max", "hfloss": "hf_loss", "ckpt": "ckpt", "cached": "cached", "compile": "compile"}
+    flags = {"padmax": "pad_max", "hfloss": "hf_loss", "ckpt": "ckpt", "cached": "cached", "compile": "compile",
+             "scompile": "static_compile", "padmask": "pad_mask"}
     mode = TrainMode()
     for t in tokens:
         if t in flags:
@@ -388,30 +404,30 @@ def train_setup(model: MiniGPT4Qwen, mode: TrainMode) -> Iterator[None]:
     HF checkpoints a layer only in training mode, and MiniGPT4Qwen.train() keeps a frozen LLM in eval mode, so the
     LLM is switched to train() explicitly here (its dropout is 0, so nothing else changes).
     """
-    layers = list(model.decoder().layers)
     model.train()
+    model.drop_right_padding_mask = not mode.pad_mask
     if mode.ckpt:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.train()
-    if mode.compile:
-        for layer in layers:
-            layer.compile(dynamic=True)
+    if mode.compiled:
+        model.compile_decoder_layers(dynamic=not mode.static_compile)
     try:
         yield
     finally:
+        model.drop_right_padding_mask = True
         if mode.ckpt:
             model.llm.gradient_checkpointing_disable()
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile() set
+        model.uncompile_decoder_layers()
         model.eval()
 
 
 def device_batches(bench: Bench, samples: list[Sample], order: list[list[int]], images: torch.Tensor,
-                   features: torch.Tensor | None, pad_to: int | None) -> list[dict]:
+                   features: torch.Tensor | None, pad_to: int | None, multiple: int = 1) -> list[dict]:
     """Batches on the device before timing: collation overlaps the GPU in a DataLoader, so it is not measured."""
     out = []
     for idx in order:
-        b = {k: v.to(bench.device) for k, v in pad_batch([samples[i] for i in idx], bench.pad_id, pad_to).items()}
+        length = pad_to or -(-max(samples[i].tokens for i in idx) // multiple) * multiple
+        b = {k: v.to(bench.device) for k, v in pad_batch([samples[i] for i in idx], bench.pad_id, length).items()}
         b["pixel_values"] = images[idx]
         if features is not None:
             b["features"] = features[idx]
@@ -442,25 +458,67 @@ def train_variant(bench: Bench, name: str) -> dict:
         extra["cache_s"] = timer()
     order = batch_order([s.tokens for s in samples], bs, by_length=not mode.pad_max, seed=a.seed)
     pad_to = a.seq_max + model.num_query_tokens if mode.pad_max else None
-    batches = device_batches(bench, samples, order, images, features, pad_to)
+    batches = device_batches(bench, samples, order, images, features, pad_to, 64 if mode.static_compile else 1)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-5)
     bench.reset_peak()
-    # warm-up re-runs the first batches, so every variant times exactly the same samples
-    schedule = [batches[i % len(batches)] for i in range(a.warmup)] + batches
+    # warm-up re-runs the first batches, so every variant times exactly the same samples; static shapes compile
+    # once per distinct length, so their warm-up covers every batch
+    warmup = len(batches) if mode.static_compile or a.warmup < 0 else a.warmup
+    schedule = [batches[i % len(batches)] for i in range(warmup)] + batches
+
+    def step(b: dict) -> torch.Tensor:
+        with autocast_ctx(bench.device, bench.precision):
+            loss = batch_loss(model, b, mode.hf_loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     with train_setup(model, mode):
+        timer = _timer(bench.device)
         for i, b in enumerate(schedule):
-            if i == a.warmup:
+            if i == warmup:
+                extra["warmup_s"] = timer()
                 timer = _timer(bench.device)
-            with autocast_ctx(bench.device, bench.precision):
-                loss = batch_loss(model, b, mode.hf_loss)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = step(b)
         seconds = timer()
+        if a.profile and bench.device.type == "cuda":
+            extra.update(profile_steps(lambda: [step(b) for b in batches[:2]], 2))
     padded = sum(b["input_ids"].numel() for b in batches)
     tokens = sum(b["tokens"] for b in batches)
     extra.update(loss=float(loss.detach()), padding_frac=1 - tokens / padded)
     return {**bench.result(n, tokens, len(batches), seconds, sum(b["flops"] for b in batches)), **extra}
+
+
+KERNEL_CLASSES = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk")),
+                  ("attention", ("flash", "fmha", "attention", "attn")),
+                  ("copy", ("memcpy", "memset", "copy", "cat")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise/other")
+
+
+def profile_steps(fn: Callable[[], object], steps: int) -> dict:
+    """GPU kernel time per step by class (gemm / attention / copy / other) and the 8 largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    classes: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        ms = getattr(e, "self_device_time_total", 0.0) / 1e3 / steps
+        if ms <= 0:
+            continue
+        c = kernel_class(e.key)
+        classes[c] = classes.get(c, 0.0) + ms
+        kernels.append((ms, e.key))
+    top = [[name[:90], round(ms, 2)] for ms, name in sorted(kernels, reverse=True)[:8]]
+    return {"kernel_ms": {k: round(v, 2) for k, v in sorted(classes.items())},
+            "kernel_ms_total": round(sum(classes.values()), 2), "top_kernels": top}
 
 
 def objective_check(bench: Bench) -> dict:
@@ -570,7 +628,10 @@ def generate_section(bench: Bench, variants: list[str]) -> None:
                 with torch.inference_mode():
                     return hf_generate(model, embeds, mask, k, [], bench.pad_id, force_length=True)
         else:
-            decoder = FastDecoder(model.llm, max_batch=1, max_len=prompt + n)
+            parts = set(name.split("-")[2:])
+            compile_ = "max-autotune-no-cudagraphs" if "autotune" in parts else "compile" in parts
+            decoder = FastDecoder(model.llm, max_batch=1, max_len=prompt + n, fuse="fused" in parts,
+                                  compile=compile_)
 
             def decode(k: int) -> torch.Tensor:
                 return decoder.generate(embeds, mask, k)
@@ -608,7 +669,9 @@ def eval_section(bench: Bench, variants: list[str]) -> None:
     reference: list[list[int]] = []
 
     def run(name: str) -> dict:
-        decoder = FastDecoder(model.llm, a.eval_batch, max_len) if name == "eval-fast-decode" else None
+        decoder = None
+        if name != "eval-hf-generate":
+            decoder = FastDecoder(model.llm, a.eval_batch, max_len, fuse=name.endswith("-fused"))
 
         def answer(i: int) -> torch.Tensor:
             with torch.inference_mode():
@@ -641,18 +704,26 @@ def eval_section(bench: Bench, variants: list[str]) -> None:
 # --------------------------------------------------------------------------------------------- the command
 
 
+def compiles(variant: str) -> bool:
+    return "compile" in variant or "autotune" in variant
+
+
 def split_variants(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str], list[str]]:
     """(train, generate, eval) variants for `what`; unknown names fail before the model is built."""
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     sections = {"train": [], "generate": [], "eval": []}
     for v in wanted or []:
-        kind = "generate" if v in GENERATE_VARIANTS else "eval" if v in EVAL_VARIANTS else "train"
+        decode = v in GENERATE_VARIANTS or v.startswith("fast-decode")
+        kind = "generate" if decode else "eval" if v in EVAL_VARIANTS else "train"
         if kind == "train":
             parse_train_variant(v)
         sections[kind].append(v)
     if wanted is None:
-        sections = {"train": [v for v in DEFAULT_TRAIN if device.type == "cuda" or "compile" not in v],
-                    "generate": list(GENERATE_VARIANTS), "eval": list(EVAL_VARIANTS)}
+        keep = [v for v in (*DEFAULT_TRAIN, *GENERATE_VARIANTS, *EVAL_VARIANTS)
+                if device.type == "cuda" or not compiles(v)]  # compiling on CPU takes minutes: CUDA only
+        sections = {"train": [v for v in DEFAULT_TRAIN if v in keep],
+                    "generate": [v for v in GENERATE_VARIANTS if v in keep],
+                    "eval": [v for v in EVAL_VARIANTS if v in keep]}
     chosen = ("train", "generate", "eval") if args.what == "all" else (args.what,)
     return tuple(sections[k] if k in chosen else [] for k in ("train", "generate", "eval"))  # type: ignore[return-value]
 
@@ -682,7 +753,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "matmul_peak_tflops": bench.peak / 1e12, "tower_flops_per_image": bench.flops.tower})
     if train_vs:
         bench.attempt("objective-check", partial(objective_check, bench))
-    for v in (v for v in train_vs if not parse_train_variant(v).compile):
+    for v in (v for v in train_vs if not parse_train_variant(v).compiled):
         bench.attempt(v, partial(train_variant, bench, v))
     if gen_vs:
         generate_section(bench, gen_vs)
@@ -691,7 +762,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.probe_memory:
         for ckpt in (False, True):
             bench.attempt("memory-fast-ckpt" if ckpt else "memory-fast", partial(probe_memory, bench, ckpt))
-    for v in (v for v in train_vs if parse_train_variant(v).compile):
+    for v in (v for v in train_vs if parse_train_variant(v).compiled):
         bench.attempt(v, partial(train_variant, bench, v))
     print_table(bench.records[1:])
     return 0 if all("error" not in r for r in bench.records) else 1

@@ -141,6 +141,11 @@ class DataConfig:
     cache_features: bool = False
     """Run the frozen ViT + Q-Former once per image and train from the cached query features (needs
     random_resized_crop, hflip off and vision/qformer frozen). H100, 7B: 51 -> 69 samples/s."""
+    group_by_length: bool = True
+    """Batch samples of similar token length (sorted inside windows of `length_window` global batches, the batches
+    then shuffled): a few % padding instead of ~1/3 on mixed lengths. One tokenisation pass over the data at start."""
+    length_window: int = 64
+    """Global batches per sorting window of group_by_length (larger: less padding, less randomness)."""
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):
@@ -149,6 +154,8 @@ class DataConfig:
             raise ConfigError(f"template must be auto, chatml or tokenizer, got {self.template!r}")
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError("crop_scale_min must be in (0, 1]")
+        if self.length_window < 1:
+            raise ConfigError(f"length_window must be >= 1, got {self.length_window}")
 
 
 @dataclass
@@ -192,6 +199,11 @@ class TrainConfig:
     MPP-LLaVA's SFT stage trains the unfrozen LLM at a lower rate than the projector. Same warmup/cosine shape."""
     report_memory: bool = True
     """On CUDA, log the peak allocated GPU memory of each step (`mem_gib` in log.jsonl, GiB, since setup)."""
+    compile: bool = False
+    """torch.compile each LLM decoder layer (dynamic shapes, one compile shared by all layers, ~15 s): fuses the
+    RMSNorm / RoPE / SwiGLU / residual work between the matmuls. H100, 7B, batch 32: 72.7 -> 103.8 samples/s."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager traces without generating kernels, for debugging)."""
 
     def __post_init__(self) -> None:
         if self.llm_lr < 0:

@@ -41,7 +41,8 @@ class FastDecoder:
     per batch size, and share a memory pool. Not thread-safe: callers serialise (as `Assistant` does with its lock).
     """
 
-    def __init__(self, llm: nn.Module, max_batch: int, max_len: int, cuda_graph: bool | None = None) -> None:
+    def __init__(self, llm: nn.Module, max_batch: int, max_len: int, cuda_graph: bool | None = None,
+                 fuse: bool = False, compile: bool | str = False) -> None:
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         cfg = base.config
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
@@ -74,15 +75,30 @@ class FastDecoder:
             self.pad = torch.zeros((), dtype=torch.long)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self.fused = _fuse_projections(self.layers) if fuse else None
+        # inductor fuses the element-wise work between the matmuls (RMSNorm, RoPE, SwiGLU, residuals); the
+        # compiled step is then captured into the CUDA graph like the eager one
+        # (compile may name an inductor mode, e.g. "max-autotune-no-cudagraphs"; "reduce-overhead" would add
+        # inductor's own graphs inside ours, so it is refused)
+        if compile == "reduce-overhead":
+            raise ValueError("FastDecoder captures its own CUDA graph: use compile=True or a no-cudagraphs mode")
+        mode = compile if isinstance(compile, str) else None
+        self._step = torch.compile(self._decode_step, dynamic=False, mode=mode) if compile else self._decode_step
 
     # ------------------------------------------------------------------ the network, re-wired around our cache
 
     def _attention(self, i: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    slots: torch.Tensor, bias: torch.Tensor, kv_len: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, -1, self.head_dim)
-        k = attn.k_proj(x).view(b, t, -1, self.head_dim)
-        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.fused is not None and "qkv" in self.fused[i]:
+            w, bias_, sizes = self.fused[i]["qkv"]
+            q, k, v = F.linear(x, w, bias_).split(sizes, dim=-1)
+            q, k = q.view(b, t, -1, self.head_dim), k.view(b, t, -1, self.head_dim)
+            v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        else:
+            q = attn.q_proj(x).view(b, t, -1, self.head_dim)
+            k = attn.k_proj(x).view(b, t, -1, self.head_dim)
+            v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = _rotate(q.transpose(1, 2), cos, sin)
@@ -95,13 +111,20 @@ class FastDecoder:
                                            scale=scale, enable_gqa=self.gqa)
         return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
+    def _mlp(self, i: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is None or "gate_up" not in self.fused[i]:
+            return mlp(x)
+        w, b, sizes = self.fused[i]["gate_up"]
+        gate, up = F.linear(x, w, b).split(sizes, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
     def _forward(self, h: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
                  kv_len: int) -> torch.Tensor:
         """Hidden states (B, T, d) -> greedy next token of the last position, (B,); writes K/V at `slots`."""
         cos, sin = self.decoder.rotary_emb(h, position_ids)
         for i, layer in enumerate(self.layers):
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, slots, bias, kv_len)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
         logits = self.lm_head(self.decoder.norm(h[:, -1]))
         return logits.float().argmax(-1)
 
@@ -135,13 +158,13 @@ class FastDecoder:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_step(b)
+                self._step(b)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for t, s in zip(self._state(), saved, strict=True):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_step(b)
+            self._step(b)
         self._pool = graph.pool()
         self._graphs[b] = graph
         return graph
@@ -193,10 +216,56 @@ class FastDecoder:
             if self.cuda_graph:
                 self._graph(b).replay()
             else:
-                self._decode_step(b)
+                self._step(b)
             n += 1
         out = self.out[:b, :n].clone()
         return out[:, : _length_until_all_stopped(out, self.eos[: len(eos_token_ids)])]
+
+
+def _fuse_projections(layers: list[nn.Module]) -> list[dict]:
+    """One matmul for q/k/v and one for gate/up per layer, without a second copy of the weights.
+
+    Each group's weights are concatenated into one tensor and the original Linear parameters are re-pointed (`.data`)
+    at row slices of it, so the model's own modules (HF forward, training, saving) see the same values in the same
+    parameters. At batch 1 a decode step is bound by reading the weights, and one long matrix-vector product reads
+    them closer to the memory bandwidth than three short ones. Only plain, frozen nn.Linear layers are fused (LoRA
+    wrappers and trainable or sharded weights are left alone: that layer then runs unfused).
+    """
+
+    def fuse(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+        if not all(type(m) is nn.Linear and not m.weight.requires_grad for m in mods):
+            return None
+        # sharded weights (DeepSpeed ZeRO-3 partitions, FSDP DTensors) are not whole matrices: leave them alone
+        if any(hasattr(m.weight, "ds_id") or type(m.weight.data) is not torch.Tensor
+               or m.weight.shape != (m.out_features, m.in_features) for m in mods):
+            return None
+        if len({(m.weight.dtype, m.weight.device, m.in_features) for m in mods}) != 1:
+            return None
+        if any(m.bias is not None for m in mods) and not all(m.bias is not None for m in mods):
+            return None
+        sizes = [m.out_features for m in mods]
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train afterwards
+            weight = torch.cat([m.weight for m in mods])
+            bias = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+            for m, w in zip(mods, weight.split(sizes), strict=True):
+                m.weight.data = w
+            if bias is not None:
+                for m, b in zip(mods, bias.split(sizes), strict=True):
+                    m.bias.data = b
+        return weight, bias, sizes
+
+    out = []
+    for layer in layers:
+        attn, mlp, entry = layer.self_attn, layer.mlp, {}
+        qkv = fuse([getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")])
+        if qkv is not None:
+            entry["qkv"] = qkv
+        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+            if gate_up is not None:
+                entry["gate_up"] = gate_up
+        out.append(entry)
+    return out
 
 
 def _length_until_all_stopped(tokens: torch.Tensor, eos: torch.Tensor) -> int:

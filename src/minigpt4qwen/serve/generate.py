@@ -156,7 +156,8 @@ class Assistant:
         if dec is None or dec.max_batch < need_batch or dec.max_len < need_len:
             # grow in coarse steps so that a new decoder (and CUDA graph capture) is rare
             size = (max(need_batch, dec.max_batch if dec else 1), max(2 * need_len, dec.max_len if dec else 256))
-            self._decoder = dec = FastDecoder(self.model.llm, max_batch=size[0], max_len=size[1])
+            # fused q/k/v and gate/up matmuls (same weights, re-pointed): H100 7B batch-1 decode 117 -> 125 tokens/s
+            self._decoder = dec = FastDecoder(self.model.llm, max_batch=size[0], max_len=size[1], fuse=True)
         return dec.generate(kwargs["inputs_embeds"], kwargs["attention_mask"], max_new_tokens,
                             kwargs["eos_token_id"], kwargs["pad_token_id"])
 

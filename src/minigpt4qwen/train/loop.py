@@ -208,6 +208,9 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.grad_checkpointing_vision:
         model.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.compile:
+        n = model.compile_decoder_layers(tc.compile_backend)
+        log.info("torch.compile (%s) on %d LLM decoder layers: the first steps include compiling", tc.compile_backend, n)
     if dist_.main:
         tokenizer.save_pretrained(run_dir / "tokenizer")
 
@@ -218,7 +221,12 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
     if cfg.data.cache_features:
         cache_image_features(cfg, model, dataset)
     # rank r takes every world_size-th sample: 2 ranks x batch b see per step what 1 rank x batch 2b sees
-    sampler = ResumableSampler(len(dataset), tc.seed, rank=dist_.rank, world_size=dist_.world_size)
+    lengths = None
+    if cfg.data.group_by_length and tc.batch_size * dist_.world_size > 1:
+        lengths = dataset.lengths()
+    sampler = ResumableSampler(len(dataset), tc.seed, rank=dist_.rank, world_size=dist_.world_size,
+                               lengths=lengths, batch_size=tc.batch_size * tc.grad_accum,
+                               window=cfg.data.length_window)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         collate_fn=lambda items: collate(items, pad_id), pin_memory=device.type == "cuda")
@@ -319,7 +327,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
                 rate = (state.samples - samples0) / max(time.time() - t0, 1e-9)
                 if dist_.main:
                     row = {"step": state.step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": n_tok}
+                           "tokens": n_tok, "samples": int(samples), "elapsed_s": round(time.time() - t0, 3)}
                     if report_memory:
                         row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                     with open(run_dir / "log.jsonl", "a") as f:
