@@ -115,7 +115,12 @@ def write_dataset(out: str | Path, n_train: int = 2000, n_heldout: int = 200, im
             kind, pair = rng.choice(list(_yes_no_pairs(scene, rng).items()))
             qa.append((kind, *rng.choice(pair)))
         rng.shuffle(qa)
-        qa = qa[: rng.randint(2, len(qa))]
+        kept = qa[: rng.randint(2, len(qa))]
+        # left/right is the attribute the frozen LLM picks up slowest: ask it whenever the scene has one
+        position = [x for x in qa if x[0] == "position"]
+        if position and position[0] not in kept:
+            kept[-1] = position[0]
+        qa = kept
         if rng.random() < llava_share:
             conv = []
             for k, (_, q, a) in enumerate(qa):
