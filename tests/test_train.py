@@ -194,3 +194,28 @@ def test_compiled_llm_layers_train_the_same(tmp_path, shapes_data):
     assert losses(compiled) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
     frames = counters["frames"]["ok"]
     assert 1 <= frames <= 4, f"{frames} compiled frames: the layers should share one compiled graph"
+
+
+def test_compile_decode_flag_reaches_the_decoder(tiny_run, shapes_data, monkeypatch):
+    """`--compile-decode` on chat/webui/serve becomes Assistant.compile_decoder, which FastDecoder is built with."""
+    from minigpt4qwen.__main__ import build_parser
+    from minigpt4qwen.data.conversation import IMAGE_PROMPT, Turn
+    from minigpt4qwen.serve import fastdecode
+    from minigpt4qwen.serve.generate import Assistant, GenerationSettings
+
+    for cmd in ("chat", "webui", "serve"):
+        assert build_parser().parse_args([cmd, "--checkpoint", str(tiny_run), "--compile-decode"]).compile_decode
+        assert not build_parser().parse_args([cmd, "--checkpoint", str(tiny_run)]).compile_decode
+    seen = []
+
+    class Recording(fastdecode.FastDecoder):
+        def __init__(self, *args, compile=False, **kw):
+            seen.append((compile, kw.get("fuse")))
+            super().__init__(*args, **kw)  # eager here: compiling on a CI CPU would take minutes
+
+    monkeypatch.setattr(fastdecode, "FastDecoder", Recording)
+    a = Assistant.from_run(tiny_run, device="cpu", compile_decoder=True)
+    a.fast_decode = True
+    conv = [[Turn("user", f"{IMAGE_PROMPT} What color is it?")]]
+    a.generate(conv, [[shapes_data / "images/heldout_00000.png"]], GenerationSettings(max_new_tokens=3))
+    assert seen == [(True, True)]

@@ -99,11 +99,17 @@ def test_browser_chat_round_trip(tiny_run, shapes_data, tmp_path):
             ask("What is in the image?", first, 1)
             page.get_by_text("Generation").click()
             seed_box = page.get_by_label("seed (-1: random)")
-            seed_box.wait_for(state="visible", timeout=10_000)
-            seed_box.fill("4")
-            seed_box.press("Tab")  # commit the number (Gradio reads it on blur as well as on input)
+            # the accordion mounts its controls when it opens, and the mount can write the initial value (3) back
+            # over a value typed too early: wait for the mounted value, then type until the field keeps ours
+            sync_api.expect(seed_box).to_have_value("3")
+            for _ in range(5):
+                seed_box.fill("4")
+                seed_box.press("Tab")  # commit the number (Gradio reads it on blur as well as on input)
+                page.wait_for_timeout(300)
+                if seed_box.input_value() == "4":
+                    break
             sync_api.expect(seed_box).to_have_value("4")
-            page.wait_for_timeout(500)  # let the front end store the value before the next event reads it
+            page.wait_for_timeout(300)  # let the front end store the value before the next event reads it
             ask("And its color?", second, 2)
             page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
 

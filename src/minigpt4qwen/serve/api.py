@@ -491,7 +491,7 @@ def load_test(base_url: str, clients: int = 32, requests: int = 64, max_tokens: 
 def run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    assistant = Assistant.from_run(args.checkpoint, device=args.device)
+    assistant = Assistant.from_run(args.checkpoint, device=args.device, compile_decoder=args.compile_decode)
     options = ServeOptions(
         model_name=args.model_name, api_key=args.api_key, allowed_hosts=list(args.allowed_hosts or []),
         limits=ImageLimits(args.max_image_bytes, args.max_image_pixels), max_batch=args.max_batch,
