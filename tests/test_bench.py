@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from minigpt4qwen import bench
 from minigpt4qwen.config import ModelConfig
-from minigpt4qwen.models.minigpt4qwen import _right_padded, build_model
+from minigpt4qwen.data.collate import right_padded
+from minigpt4qwen.models.minigpt4qwen import build_model
 from minigpt4qwen.serve.fastdecode import FastDecoder
 
 TINY = ["--device", "cpu", "--seq-min", "16", "--seq-max", "48", "--batch-size", "2", "--steps", "2", "--warmup", "1",
@@ -79,7 +80,7 @@ def test_fast_path_computes_the_seed_objective():
     results = []
     for pad_to, hf_loss in ((48 + model.num_query_tokens, True), (None, False)):
         batch = {**bench.pad_batch(samples, 0, pad_to), "pixel_values": images}
-        assert _right_padded(batch["attention_mask"]) and not bool(batch["attention_mask"].all())
+        assert right_padded(batch["attention_mask"]) and not bool(batch["attention_mask"].all())
         model.zero_grad()
         loss = bench.batch_loss(model, batch, hf_loss)
         loss.backward()
@@ -116,6 +117,8 @@ def test_fast_decoder_equals_hf_greedy(arch, fuse):
         assert all("qkv" in f and "gate_up" in f for f in decoder.fused)
         attn = llm.model.layers[0].self_attn
         assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+        again = FastDecoder(llm, max_batch=2, max_len=40, fuse=True)  # a second decoder reuses, never re-copies
+        assert again.fused[0]["qkv"][0] is decoder.fused[0]["qkv"][0]
     after = llm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # same values under the same names
     with torch.inference_mode():

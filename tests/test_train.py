@@ -219,3 +219,17 @@ def test_compile_decode_flag_reaches_the_decoder(tiny_run, shapes_data, monkeypa
     conv = [[Turn("user", f"{IMAGE_PROMPT} What color is it?")]]
     a.generate(conv, [[shapes_data / "images/heldout_00000.png"]], GenerationSettings(max_new_tokens=3))
     assert seen == [(True, True)]
+
+
+def test_resume_refuses_another_schedule_or_batch(tmp_path, shapes_data):
+    """A resume with another step count or global batch would continue on another LR curve from another data position:
+    it stops with the key to fix instead."""
+    from minigpt4qwen.config import ConfigError
+
+    run = train(tiny_config(tmp_path, shapes_data, "train.max_steps=2", "train.save_every_steps=1"))
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="total_steps=2, this run has 4"):
+        train(resume=run, overrides=["train.max_steps=4"])
+    with pytest.raises(ConfigError, match="global_batch=8, this run has 4"):
+        train(resume=run, overrides=["train.grad_accum=1"])
+    assert (run / "config.yaml").read_text() == saved  # a refused resume leaves the run as it was

@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import logging
-import random
 import resource
 import sys
 import time
@@ -31,9 +30,10 @@ import torch
 
 from .config import ModelConfig
 from .data.conversation import IGNORE_INDEX
+from .data.dataset import length_grouped
 from .models.minigpt4qwen import MiniGPT4Qwen, build_model
 from .serve.fastdecode import FastDecoder
-from .train.loop import autocast_ctx, param_groups, resolve_device
+from .train.loop import autocast_ctx, param_groups, resolve_device, to_device
 
 log = logging.getLogger("minigpt4qwen.bench")
 
@@ -97,7 +97,8 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namesp
                    if getattr(args, k, None) is None})
     args = argparse.Namespace(**{**vars(args), **filled})
     if args.steps < 1 or args.warmup < -1 or not 0 < args.seq_min <= args.seq_max:
-        raise ValueError("need --steps >= 1, --warmup >= 0 and 0 < --seq-min <= --seq-max")
+        raise ValueError("need --steps >= 1, --warmup >= 0 (-1: one pass over the batches) and "
+                         "0 < --seq-min <= --seq-max")
     return args
 
 
@@ -155,16 +156,12 @@ def pad_batch(samples: list[Sample], pad_id: int, length: int | None = None, lef
 
 
 def batch_order(lengths: list[int], batch_size: int, by_length: bool, seed: int) -> list[list[int]]:
-    """Index batches: in sample order, or sorted by length (little padding) with the batch order shuffled.
-
-    Sorting the whole pool is what a length-grouped sampler does with a large mega-batch window; shuffling the batch
-    order keeps the warm-up steps from being only the shortest ones.
-    """
-    idx = sorted(range(len(lengths)), key=lengths.__getitem__) if by_length else list(range(len(lengths)))
-    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    """Index batches: in sample order, or length-grouped by `train`'s own sampler function with one window over the
+    whole pool (a global sort, then the batch order shuffled, the longest batch first)."""
+    idx = list(range(len(lengths)))
     if by_length:
-        random.Random(seed).shuffle(batches)
-    return batches
+        idx = length_grouped(idx, lengths, batch_size, window=len(idx) // batch_size + 1, seed=seed)
+    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
 def random_images(n: int, size: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
@@ -387,13 +384,14 @@ def parse_train_variant(name: str) -> TrainMode:
     return mode
 
 
-def batch_loss(model: MiniGPT4Qwen, batch: dict, hf_loss: bool) -> torch.Tensor:
-    """Mean loss per supervised token: HF's full-vocabulary path (the seed's) or the package's training forward."""
+def batch_loss(model: MiniGPT4Qwen, batch: dict, hf_loss: bool, pad_mask: bool = False) -> torch.Tensor:
+    """Mean loss per supervised token: HF's full-vocabulary path (the seed's) or the package's training forward,
+    which (as `train` does for its right-padded batches) runs without the padding mask unless `pad_mask`."""
     images = {"features": batch["features"]} if "features" in batch else {"pixel_values": batch.get("pixel_values")}
     if hf_loss:
         embeds = model.inputs_embeds(batch["input_ids"], **images)
         return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    total, n = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **images)
+    total, n = model(batch["input_ids"], batch["attention_mask"] if pad_mask else None, batch["labels"], **images)
     return total / n
 
 
@@ -401,20 +399,17 @@ def batch_loss(model: MiniGPT4Qwen, batch: dict, hf_loss: bool) -> torch.Tensor:
 def train_setup(model: MiniGPT4Qwen, mode: TrainMode) -> Iterator[None]:
     """Checkpointing / compiled layers for one variant, undone afterwards so the next variant starts clean.
 
-    HF checkpoints a layer only in training mode, and MiniGPT4Qwen.train() keeps a frozen LLM in eval mode, so the
-    LLM is switched to train() explicitly here (its dropout is 0, so nothing else changes).
+    Checkpointing goes on before `model.train()`: HF recomputes a layer only in training mode, and MiniGPT4Qwen.train()
+    keeps a frozen tower in train mode exactly when it is checkpointed (its dropout is 0, nothing else changes).
     """
-    model.train()
-    model.drop_right_padding_mask = not mode.pad_mask
     if mode.ckpt:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.llm.train()
+    model.train()
     if mode.compiled:
         model.compile_decoder_layers(dynamic=not mode.static_compile)
     try:
         yield
     finally:
-        model.drop_right_padding_mask = True
         if mode.ckpt:
             model.llm.gradient_checkpointing_disable()
         model.uncompile_decoder_layers()
@@ -427,7 +422,7 @@ def device_batches(bench: Bench, samples: list[Sample], order: list[list[int]], 
     out = []
     for idx in order:
         length = pad_to or -(-max(samples[i].tokens for i in idx) // multiple) * multiple
-        b = {k: v.to(bench.device) for k, v in pad_batch([samples[i] for i in idx], bench.pad_id, length).items()}
+        b = to_device(pad_batch([samples[i] for i in idx], bench.pad_id, length), bench.device)
         b["pixel_values"] = images[idx]
         if features is not None:
             b["features"] = features[idx]
@@ -468,7 +463,7 @@ def train_variant(bench: Bench, name: str) -> dict:
 
     def step(b: dict) -> torch.Tensor:
         with autocast_ctx(bench.device, bench.precision):
-            loss = batch_loss(model, b, mode.hf_loss)
+            loss = batch_loss(model, b, mode.hf_loss, mode.pad_mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -605,7 +600,7 @@ def answer_ids(row: torch.Tensor, eos: list[int]) -> list[int]:
 
 def hf_generate(model: MiniGPT4Qwen, embeds: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos: list[int],
                 pad_id: int, force_length: bool = False) -> torch.Tensor:
-    """The product's current path (serve/generate.py): HF generate from embeddings, greedy."""
+    """The baseline: HF generate from embeddings, greedy (serve/generate.py still uses it for sampling and beams)."""
     extra = {"min_new_tokens": new_tokens} if force_length else {}
     return model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                               eos_token_id=eos or None, pad_token_id=pad_id, **extra)
@@ -683,7 +678,8 @@ def eval_section(bench: Bench, variants: list[str]) -> None:
                 return decoder.generate(embeds, mask, new, eos, bench.pad_id).cpu()
 
         bench.reset_peak()
-        answer(0)  # warm-up
+        answer(0)  # warm-up; the last batch is smaller: its CUDA graph is captured here too, not while timed
+        answer(len(batches) - 1)
         timer = _timer(bench.device)
         rows = [answer_ids(r, eos) for i in range(len(batches)) for r in answer(i)]
         seconds = timer()

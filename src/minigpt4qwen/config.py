@@ -405,4 +405,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the YAML atomically: readers (other ranks, a resume after SIGKILL) see the old or the new file."""
+    from .train.checkpoint import write_text_atomic
+
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

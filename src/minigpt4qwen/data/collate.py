@@ -7,6 +7,11 @@ import torch
 from .conversation import IGNORE_INDEX
 
 
+def right_padded(mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros, as `collate` pads. Meant for the CPU copy of a batch (no device sync)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
+
+
 def collate(items: list[dict | None], pad_id: int) -> dict:
     """Skipped (None) items are dropped and counted in `skipped`."""
     kept = [x for x in items if x is not None]

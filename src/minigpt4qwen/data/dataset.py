@@ -150,8 +150,11 @@ def length_grouped(perm: list[int], lengths: list[int], group: int, window: int,
     for w, start in enumerate(range(0, len(perm), span)):
         chunk = sorted(perm[start : start + span], key=lambda i: -lengths[i])
         groups = [chunk[i : i + group] for i in range(0, len(chunk), group)]
-        order = torch.randperm(len(groups), generator=rng).tolist()
-        if w == 0:
+        # a short group (only the data's last window has one) stays last: shuffled in, it would shift every later
+        # batch off its group boundary
+        full = len(groups) - (len(groups[-1]) < group)
+        order = torch.randperm(full, generator=rng).tolist() + list(range(full, len(groups)))
+        if w == 0 and full:
             order.remove(0)
             order.insert(0, 0)
         out += [i for g in order for i in groups[g]]
@@ -196,4 +199,4 @@ class ResumableSampler(Sampler[int]):
         return iter(self.order()[self.start :])
 
     def __len__(self) -> int:
-        return len(self.order()) - self.start
+        return (self.n // self.world_size if self.world_size > 1 else self.n) - self.start

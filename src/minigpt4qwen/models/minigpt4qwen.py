@@ -41,8 +41,6 @@ class MiniGPT4Qwen(nn.Module):
         self.image_token_id = image_token_id
         self.num_query_tokens = query_tokens.shape[1]
         self.loss_chunk = 4096
-        self.drop_right_padding_mask = True
-        """Training forward: a right-padded batch runs with causal attention only (no padding mask), see forward."""
 
     # ------------------------------------------------------------------ parts
 
@@ -122,24 +120,21 @@ class MiniGPT4Qwen(nn.Module):
     # ------------------------------------------------------------------ training forward
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """(sum of token losses, number of supervised tokens).
 
         lm_head and cross-entropy run only on supervised positions, in chunks: the full-vocabulary logits of
-        every position are never materialised. When every row is right-padded (as `collate` pads), the causal mask
-        alone already keeps real tokens from seeing the padding after them, and positions count from 0 either way,
-        so the padding mask is dropped: SDPA can then run its flash kernel instead of the masked one. Outputs at
-        padded positions change, but they carry no label.
+        every position are never materialised. `attention_mask=None` is right for right-padded rows (what `collate`
+        builds; callers check with `collate.right_padded` on the CPU copy): the causal mask alone keeps real tokens
+        from seeing the padding after them and positions count from 0 either way, and SDPA can then run its flash
+        kernel instead of the masked one. Outputs at padded positions change, but they carry no label.
         """
         embeds = self.inputs_embeds(input_ids, pixel_values, features)
-        mask = attention_mask
-        if self.drop_right_padding_mask and _right_padded(attention_mask):
-            mask = None
         # use_cache=False: transformers otherwise fills a KV cache during training too (a copy of every layer's K/V,
         # and a per-layer object that makes torch.compile recompile layer after layer)
-        hidden = self.decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = self.decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         h = hidden[:, :-1][keep]
@@ -176,13 +171,6 @@ class MiniGPT4Qwen(nn.Module):
                 if k in own:
                     own[k].copy_(v.to(own[k].dtype))
         return unknown
-
-
-def _right_padded(mask: torch.Tensor | None) -> bool:
-    """True if every row is ones then zeros (one device sync)."""
-    if mask is None or mask.dim() != 2:
-        return False
-    return bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
 
 
 # --------------------------------------------------------------------------------------------- building

@@ -17,11 +17,15 @@ Supported: Qwen2 / Qwen2.5 / Qwen3 / Llama-style decoders with full attention (n
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 MAX_EOS = 8
 """Stop ids live in a fixed-size buffer (padded with -1) so a captured graph serves any stop list."""
@@ -76,6 +80,8 @@ class FastDecoder:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.fused = _fuse_projections(self.layers) if fuse else None
+        if self.fused is not None and not all("qkv" in f and "gate_up" in f for f in self.fused):
+            log.info("FastDecoder: some projections left unfused (LoRA, trainable or sharded weights)")
         # inductor fuses the element-wise work between the matmuls (RMSNorm, RoPE, SwiGLU, residuals); the
         # compiled step is then captured into the CUDA graph like the eager one
         # (compile may name an inductor mode, e.g. "max-autotune-no-cudagraphs"; "reduce-overhead" would add
@@ -222,14 +228,20 @@ class FastDecoder:
         return out[:, : _length_until_all_stopped(out, self.eos[: len(eos_token_ids)])]
 
 
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""First Linear of a fused group -> (fused weight, fused bias, sizes)."""
+
+
 def _fuse_projections(layers: list[nn.Module]) -> list[dict]:
     """One matmul for q/k/v and one for gate/up per layer, without a second copy of the weights.
 
     Each group's weights are concatenated into one tensor and the original Linear parameters are re-pointed (`.data`)
-    at row slices of it, so the model's own modules (HF forward, training, saving) see the same values in the same
-    parameters. At batch 1 a decode step is bound by reading the weights, and one long matrix-vector product reads
-    them closer to the memory bandwidth than three short ones. Only plain, frozen nn.Linear layers are fused (LoRA
-    wrappers and trainable or sharded weights are left alone: that layer then runs unfused).
+    at row slices of it, so the model's own modules (HF forward, state_dict) see the same values under the same
+    names; a second decoder on the same model reuses the fused tensors instead of copying again. At batch 1 a decode
+    step is bound by reading the weights, and one long matrix-vector product reads them closer to the memory
+    bandwidth than three short ones. Only plain, frozen nn.Linear layers are fused (LoRA wrappers and trainable or
+    sharded weights are left alone: that layer then runs unfused). The grouped parameters share one storage, which
+    safetensors refuses to save as is: write the LLM from a process that has not decoded (as `convert export` does).
     """
 
     def fuse(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
@@ -244,6 +256,10 @@ def _fuse_projections(layers: list[nn.Module]) -> list[dict]:
         if any(m.bias is not None for m in mods) and not all(m.bias is not None for m in mods):
             return None
         sizes = [m.out_features for m in mods]
+        done = _FUSED.get(mods[0])
+        if done is not None and done[2] == sizes and all(  # already fused: still pointing at the same rows?
+                m.weight.data_ptr() == w.data_ptr() for m, w in zip(mods, done[0].split(sizes), strict=True)):
+            return done
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train afterwards
             weight = torch.cat([m.weight for m in mods])
             bias = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
@@ -252,6 +268,7 @@ def _fuse_projections(layers: list[nn.Module]) -> list[dict]:
             if bias is not None:
                 for m, b in zip(mods, bias.split(sizes), strict=True):
                     m.bias.data = b
+        _FUSED[mods[0]] = (weight, bias, sizes)
         return weight, bias, sizes
 
     out = []

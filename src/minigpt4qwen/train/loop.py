@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, load_config, to_dict
-from ..data.collate import collate
+from ..config import Config, ConfigError, load_config, save_config
+from ..data.collate import collate, right_padded
 from ..data.conversation import IGNORE_INDEX, ChatTemplate
 from ..data.dataset import InstructionDataset, ResumableSampler
 from ..data.images import ImageProcessor
@@ -35,7 +34,6 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
     tmp_checkpoint_dir,
-    write_text_atomic,
 )
 from .engines import Dist, Engine, build_engine, init_distributed, lr_at, oom_hint, param_groups, resolve_device
 
@@ -163,6 +161,18 @@ def _step_plan(dist_: Dist, micro: list[dict]) -> tuple[list[int], int]:
     return use, int(sum(sums[i] for i in use))
 
 
+def _check_resume_layout(ckpt: Path, total: int, global_batch: int) -> None:
+    """The schedule (total steps) and the data position (samples per step) must be those the checkpoint was made
+    with, or the run would silently continue on another LR curve from another place in the data."""
+    meta_file = ckpt / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    for key, now, what in (("total_steps", total, "train.epochs/max_steps"),
+                           ("global_batch", global_batch, "processes x train.batch_size x train.grad_accum")):
+        if key in meta and meta[key] != now:
+            raise ConfigError(f"{ckpt}: made with {key}={meta[key]}, this run has {now}; resume with the same "
+                              f"{what} (to train further, start a new run from its weights)")
+
+
 def _resume_rng(ts: dict, dist_: Dist) -> dict:
     per_rank = ts.get("rng_per_rank") or [ts["rng"]]
     if len(per_rank) != dist_.world_size:
@@ -193,7 +203,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
     tc, device = cfg.train, dist_.device
     if dist_.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if not resuming:  # a resume rewrites it once the checkpoint is known to fit (below)
+            save_config(cfg, run_dir / "config.yaml")
         setup_logging(run_dir)
     else:
         logging.getLogger("minigpt4qwen").setLevel(logging.WARNING)
@@ -239,10 +250,14 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
 
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: every part in model.trainable is frozen")
+    ckpt = latest_checkpoint(run_dir) if resuming else None
+    if ckpt is not None:
+        _check_resume_layout(ckpt, total, dist_.world_size * tc.batch_size * tc.grad_accum)
+    if resuming and dist_.main:
+        save_config(cfg, run_dir / "config.yaml")
     engine = build_engine(model, cfg, dist_, total, precision)
     state = RunState()
 
-    ckpt = latest_checkpoint(run_dir) if resuming else None
     if ckpt is not None:
         ts = load_training_state(ckpt)
         engine.load(ckpt, ts)
@@ -278,7 +293,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
         if dist_.main:
             training_state = {**engine_state, "run": vars(state).copy(), "rng": rngs[0], "rng_per_rank": rngs}
             meta = {"step": state.step, "epoch": state.epoch, "total_steps": total, "engine": engine.name,
-                    "world_size": dist_.world_size}
+                    "world_size": dist_.world_size, "global_batch": dist_.world_size * tc.batch_size * tc.grad_accum}
             log.info("saved %s", finish_checkpoint(tmp, weights, training_state, meta, tc.keep_last))
         dist_.barrier()
         last_saved = state.step
@@ -306,24 +321,26 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
                 loss_sum, samples, truncated = 0.0, 0, 0
                 for i in use:
                     b = to_device(micro[i], device)
+                    # right padding (checked on the CPU copy): the causal mask alone suffices, see MiniGPT4Qwen.forward
+                    mask = None if right_padded(micro[i]["attention_mask"]) else b["attention_mask"]
                     with engine.accumulate(is_last=i == use[-1]):
                         with autocast_ctx(device, precision):
-                            loss, _ = engine.model(b["input_ids"], b["attention_mask"], b["labels"],
-                                                   b["pixel_values"], b.get("features"))
+                            loss, _ = engine.model(b["input_ids"], mask, b["labels"], b["pixel_values"],
+                                                   b.get("features"))
                         # DDP/ZeRO/FSDP average over ranks: x world_size makes it a sum over the global batch
                         engine.backward(loss * dist_.world_size / n_tok)
                     loss_sum += float(loss.detach())
                     samples, truncated = samples + b["size"], truncated + b["truncated"]
                 skipped = sum(b["skipped"] for b in micro)
                 loss_sum, samples, skipped, truncated = dist_.sum([loss_sum, samples, skipped, truncated])
+                loss_val = loss_sum / max(n_tok, 1)
+                if not math.isfinite(loss_val):  # before the update: the saved state stays the last finite one
+                    raise FloatingPointError(f"loss is {loss_val} at step {state.step + 1}; lower train.lr or use fp32")
                 state.samples, state.skipped = state.samples + int(samples), state.skipped + int(skipped)
                 state.truncated += int(truncated)
                 lr = engine.lr
                 grad_norm = engine.step()
                 state.step += 1
-                loss_val = loss_sum / max(n_tok, 1)
-                if not math.isfinite(loss_val):
-                    raise FloatingPointError(f"loss is {loss_val} at step {state.step}; lower train.lr or use fp32")
                 rate = (state.samples - samples0) / max(time.time() - t0, 1e-9)
                 if dist_.main:
                     row = {"step": state.step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
