@@ -5,14 +5,14 @@
 # Usage: bash scripts/gpu_engines.sh [OUT_DIR]        (about 5 minutes on one H100)
 set -uo pipefail
 OUT=${1:-/tmp/minigpt4qwen-gpu-engines}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 mkdir -p "$OUT"
 "$PY" -m minigpt4qwen make-data --out "$OUT/data" --n-train 64 --n-heldout 4 >/dev/null || exit 1
 cat > "$OUT/engines.yaml" <<EOF
 # bash scripts/gpu_engines.sh  (generated)
 model: {vision: eva-vit-g, qformer: blip2-qformer, llm: "random:qwen-7b"}
-data: {train: [{path: $OUT/data/train_seed.json}], max_txt_len: 128}
+data: {train: [{path: "$OUT/data/train_seed.json"}], max_txt_len: 128}
 train: {max_steps: 6, batch_size: 2, grad_accum: 1, lr: 1.0e-4, warmup_steps: 0, precision: bf16, log_every: 1}
 EOF
 

@@ -6,14 +6,14 @@
 set -uo pipefail
 OUT=${1:-/tmp/minigpt4qwen-train-speed}
 STEPS=${2:-40}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 "$PY" -m minigpt4qwen make-data --out "$OUT/data" --n-train 2400 --n-heldout 4 >/dev/null || exit 1
 cat > "$OUT/speed.yaml" <<YAML
 # bash scripts/gpu_train_speed.sh  (generated)
 model: {vision: eva-vit-g, qformer: blip2-qformer, llm: "random:qwen-7b"}
-data: {train: [{path: $OUT/data/train_seed.json}, {path: $OUT/data/train_llava.json}], max_txt_len: 256,
+data: {train: [{path: "$OUT/data/train_seed.json"}, {path: "$OUT/data/train_llava.json"}], max_txt_len: 256,
        random_resized_crop: false, hflip: false, cache_features: true, num_workers: 2}
 train: {max_steps: $STEPS, batch_size: 32, lr: 1.0e-4, warmup_steps: 0, precision: bf16, log_every: 10,
         save_every_steps: 0}

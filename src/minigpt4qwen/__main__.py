@@ -6,7 +6,7 @@
     minigpt4qwen webui --checkpoint RUN_DIR             # Gradio UI on 127.0.0.1:7860
     minigpt4qwen serve --checkpoint RUN_DIR             # OpenAI-compatible API on 127.0.0.1:8000
     minigpt4qwen eval mme --checkpoint RUN_DIR --mme-root DIR
-    minigpt4qwen convert lavis|qwen1|export|seed-projector|to-seed ...
+    minigpt4qwen convert lavis|qwen1|export|seed-projector|to-seed|zero-to-safetensors ...
     minigpt4qwen info --config FILE.yaml                # parameter counts on the meta device
     minigpt4qwen bench all                              # speed of the seed-style vs our path (GPU)
     minigpt4qwen make-data --out DIR                    # the synthetic shapes data set
@@ -73,6 +73,9 @@ def _demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minigpt4qwen", description=__doc__.split("\n\n")[0])
+    # the deepspeed launcher puts --local_rank before the subcommand (python -m minigpt4qwen --local_rank=N train ...);
+    # the rank is read from LOCAL_RANK, the option is only accepted
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train from a YAML config (dotted key=value overrides after it)")
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_txt_len=128")
     t.set_defaults(fn=_train)
 
+    from .serve.args import add_compile_decode_arg
     from .serve.cli import add_generation_args
 
     c = sub.add_parser("chat", help="chat about images in the terminal (streaming)")
@@ -89,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", action="append", help="image path (repeat for several images)")
     c.add_argument("--query", help="ask once, print the answer and exit")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    c.add_argument("--compile-decode", action="store_true",
-                   help="CUDA greedy decoding: torch.compile the decode step (H100, 7B, batch 1: 122 -> 133 tokens/s; "
-                        "the first answer of each batch size waits for the compile, ~1 min)")
+    add_compile_decode_arg(c)
     add_generation_args(c)
     c.set_defaults(fn=_chat)
 

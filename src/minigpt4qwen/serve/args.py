@@ -9,15 +9,20 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+def add_compile_decode_arg(p: argparse.ArgumentParser) -> None:
+    """`--compile-decode`, shared by chat, webui and serve."""
+    p.add_argument("--compile-decode", action="store_true",
+                   help="CUDA greedy decoding: torch.compile the decode step (H100, 7B, batch 1: 122 -> 133 tokens/s; "
+                        "the first answer of each batch size waits for the compile, ~1 min)")
+
+
 def add_common_serve_args(p: argparse.ArgumentParser, port: int) -> None:
     """Options the web UI and the API share."""
     p.add_argument("--checkpoint", required=True, help="run directory (or one of its checkpoint directories)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--compile-decode", action="store_true",
-                   help="CUDA greedy decoding: torch.compile the decode step (H100, 7B, batch 1: 122 -> 133 tokens/s; "
-                        "the first answer of each batch size waits for the compile, ~1 min)")
+    add_compile_decode_arg(p)
     p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="largest upload accepted")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="largest decoded image (width x height) accepted")
