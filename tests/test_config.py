@@ -50,3 +50,34 @@ def test_shipped_configs_parse():
     for f in files:
         load_config(f)
         assert f.read_text().startswith("#"), f"{f} must start with the command that uses it"
+
+
+def test_map_paths_reaches_every_path_field_and_leaves_names():
+    from minigpt4qwen.config import map_paths, to_dict
+
+    cfg = load_config(None, [
+        "model.vision_checkpoint=v", "model.eva_checkpoint=e", "model.blip2_checkpoint=b", "model.qformer_init=q",
+        "model.projector_checkpoint=p", "model.llm=l", "model.tokenizer=t", "data.train=[{path: a, image_root: i}]",
+        "eval.heldout=[{path: h}]", "eval.mme_root=m", "train.output_dir=o", "engine.deepspeed_config=d",
+    ])
+    mapped = map_paths(cfg, lambda v: f"/x/{v}")
+
+    def strings(node) -> list[str]:
+        if isinstance(node, dict | list):
+            return [s for v in (node.values() if isinstance(node, dict) else node) for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    assert sorted(s for s in strings(to_dict(mapped)) if s.startswith("/x/")) == [f"/x/{p}" for p in "abdehilmopqtv"]
+    assert cfg.model.llm == "l" and cfg.data.train[0].path == "a"  # a copy: the original is untouched
+    assert mapped.eval.heldout[0].image_root == ""  # empty = the annotation file's folder, not a path
+    for name in ("smollm2", "random:tiny-qwen2"):  # LLM sources that are names
+        assert map_paths(load_config(None, [f"model.llm={name}"]), lambda v: f"/x/{v}").model.llm == name
+
+
+def test_relocate_applies_to_the_file_before_the_overrides(tmp_path):
+    from minigpt4qwen.config import map_paths
+
+    f = tmp_path / "c.yaml"
+    f.write_text("eval:\n  mme_root: a\ntrain:\n  output_dir: r\n")
+    cfg = load_config(f, ["train.output_dir=o"], relocate=lambda c: map_paths(c, lambda v: f"/base/{v}"))
+    assert cfg.eval.mme_root == "/base/a" and cfg.train.output_dir == "o"

@@ -1,7 +1,8 @@
 """LAVIS BLIP-2 -> transformers Blip2: tiny checkpoints in the exact LAVIS key layout, checked against EVA/BERT math.
 
 The reference forward below is written from the EVA ViT and BERT block equations, not from transformers' modules, so
-a wrong rename, transposition or bias placement shows up as a feature mismatch.
+a wrong rename, transposition, bias placement or norm eps shows up as a feature mismatch. Files of the wrong size or
+with a damaged tensor must fail in one line that names the LAVIS key, ours and both shapes.
 
 Run: python -m pytest tests/test_convert_lavis.py
 """
@@ -22,14 +23,15 @@ from minigpt4qwen.models.convert import (
     load_hf_blip2_dir,
     split_blip2_state,
 )
+from minigpt4qwen.models.vision import VISION_PRESETS, build_vision
 
 EVA_WIDTH, EVA_HEADS, EVA_MLP, EVA_BLOCKS, USED_BLOCKS = 48, 4, 96, 3, 2
 PATCH, IMAGE = 8, 32
 QF_WIDTH, QF_HEADS, QF_MLP, QF_LAYERS, CROSS_FREQ, QUERIES = 32, 4, 64, 2, 2, 4
-# LAVIS's ln_vision is a plain LayerNorm (eps 1e-5) while EVA's block norms use 1e-6; transformers has one vision eps,
-# so its post_layernorm runs ln_vision with 1e-6. That port difference (not a mapping error) moves features by ~1e-5
-# on these unit-variance toy features, and less on EVA's real, larger-variance ones.
-LAVIS_LN_VISION_EPS, HF_VISION_EPS = 1e-5, 1e-6
+# LAVIS's ln_vision is a plain LayerNorm (eps 1e-5) while EVA's block norms use 1e-6. Blip2VisionConfig has one eps,
+# so a plain Blip2VisionModel would run ln_vision with 1e-6: on these features that moves the output by ~1e-5, which
+# the float64 comparison below (error ~1e-15) tells apart from a match.
+LAVIS_LN_VISION_EPS, EVA_BLOCK_EPS = 1e-5, 1e-6
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -124,19 +126,19 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return (weights @ v).transpose(1, 2).reshape(b, n, d)
 
 
-def reference_vision(eva: dict, blip2: dict, image: Tensor, ln_vision_eps: float = HF_VISION_EPS) -> Tensor:
+def reference_vision(eva: dict, blip2: dict, image: Tensor, ln_vision_eps: float = LAVIS_LN_VISION_EPS) -> Tensor:
     x = F.conv2d(image, eva["patch_embed.proj.weight"], eva["patch_embed.proj.bias"], stride=PATCH)
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([eva["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + eva["pos_embed"]
     for i in range(USED_BLOCKS):
         b = f"blocks.{i}."
-        h = _ln(x, eva, b + "norm1", 1e-6)
+        h = _ln(x, eva, b + "norm1", EVA_BLOCK_EPS)
         w_q, w_k, w_v = eva[b + "attn.qkv.weight"].chunk(3)
         q = h @ w_q.T + eva[b + "attn.q_bias"]
         k = h @ w_k.T  # EVA: no key bias
         v = h @ w_v.T + eva[b + "attn.v_bias"]
         x = x + _lin(_attend(q, k, v, EVA_HEADS), eva, b + "attn.proj")
-        h = _ln(x, eva, b + "norm2", 1e-6)
+        h = _ln(x, eva, b + "norm2", EVA_BLOCK_EPS)
         x = x + _lin(F.gelu(_lin(h, eva, b + "mlp.fc1")), eva, b + "mlp.fc2")
     return _ln(x, blip2, "ln_vision", ln_vision_eps)
 
@@ -176,21 +178,26 @@ def tiny_configs():
     return vision, qformer
 
 
-def hf_features(state: dict, image: Tensor) -> tuple[Tensor, Tensor]:
-    """Strict-load the converted weights into transformers' modules and run them."""
-    from transformers import Blip2QFormerModel, Blip2VisionModel
+def hf_features(state: dict, image: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Strict-load the converted weights into our vision builder and transformers' Q-Former, and run them."""
+    from transformers import Blip2QFormerModel
 
     vision_cfg, qformer_cfg = tiny_configs()
     vision_sd, qformer_sd, query_tokens = split_blip2_state(state)
-    vision, qformer = Blip2VisionModel(vision_cfg).eval(), Blip2QFormerModel(qformer_cfg).eval()
+    vision, qformer = build_vision(vision_cfg).eval(), Blip2QFormerModel(qformer_cfg).eval()
     vision.load_state_dict(vision_sd, strict=True)
     qformer.load_state_dict(qformer_sd, strict=True)
+    vision, qformer, query_tokens = vision.to(dtype), qformer.to(dtype), query_tokens.to(dtype)
     with torch.no_grad():
-        image_features = vision(pixel_values=image).last_hidden_state
+        image_features = vision(pixel_values=image.to(dtype)).last_hidden_state
         queries = qformer(
             query_embeds=query_tokens.expand(image.shape[0], -1, -1), encoder_hidden_states=image_features
         ).last_hidden_state
     return image_features, queries
+
+
+def _double(state: dict) -> dict:
+    return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
 
 
 @pytest.fixture(scope="module")
@@ -204,16 +211,26 @@ def image() -> Tensor:
 
 
 def test_converted_weights_reproduce_lavis_features(lavis, image) -> None:
-    eva, blip2 = lavis
+    """In float64, so that ln_vision's eps (1e-5 in LAVIS, 1e-6 in a plain Blip2VisionModel) decides the outcome."""
+    eva, blip2 = (_double(d) for d in lavis)
     state, _ = lavis_to_hf_blip2(eva, blip2, num_vision_layers=USED_BLOCKS, cross_attention_frequency=CROSS_FREQ)
-    image_features, queries = hf_features(state, image)
-    ref_features = reference_vision(eva, blip2, image)
+    image_features, queries = hf_features(state, image, torch.float64)
+    ref_features = reference_vision(eva, blip2, image.double())
     ref_queries = reference_qformer(blip2, ref_features)
     assert queries.shape == (2, QUERIES, QF_WIDTH)
-    assert (image_features - ref_features).abs().max().item() <= 1e-5
-    assert (queries - ref_queries).abs().max().item() <= 1e-5
-    lavis_eps_features = reference_vision(eva, blip2, image, ln_vision_eps=LAVIS_LN_VISION_EPS)
-    assert (image_features - lavis_eps_features).abs().max().item() <= 5e-5
+    assert (image_features - ref_features).abs().max().item() <= 1e-10
+    assert (queries - ref_queries).abs().max().item() <= 1e-10
+    block_eps_features = reference_vision(eva, blip2, image.double(), ln_vision_eps=EVA_BLOCK_EPS)
+    assert (image_features - block_eps_features).abs().max().item() > 1e-7  # the check above can see the eps
+
+
+@pytest.mark.parametrize("preset", sorted(VISION_PRESETS))
+def test_post_layernorm_has_lavis_eps_in_every_preset(preset: str) -> None:
+    with torch.device("meta"):  # eva-vit-g is 1B parameters: shapes only
+        vision = build_vision(preset)
+    assert vision.post_layernorm.eps == LAVIS_LN_VISION_EPS
+    block_norms = [m for layer in vision.encoder.layers for m in (layer.layer_norm1, layer.layer_norm2)]
+    assert block_norms and all(m.eps == EVA_BLOCK_EPS for m in block_norms)
 
 
 def test_ignored_keys_are_reported(lavis) -> None:
@@ -244,22 +261,112 @@ def test_pth_files_and_embedded_visual_encoder(lavis, tmp_path) -> None:
     assert all(torch.equal(from_files[k], from_embedded[k]) for k in from_files)
     assert "blip2:visual_encoder.blocks.2.mlp.fc1.weight" in ignored
     assert not any(k.startswith("blip2:visual_encoder.blocks.1.") for k in ignored)
+    torch.save([eva], tmp_path / "list.pth")
+    with pytest.raises(CheckpointKeyError, match="list.pth holds a list, not a state dict"):
+        load_blip2_vision_side(tmp_path / "list.pth", tmp_path / "blip2.pth", USED_BLOCKS)
 
 
 @pytest.mark.parametrize(
-    ("source", "key", "file_hint"),
+    ("source", "key", "ours", "file_hint"),
     [
-        ("blip2", "Qformer.bert.encoder.layer.1.output_query.dense.weight", "blip2_pretrained"),
-        ("blip2", "Qformer.bert.encoder.layer.0.crossattention.self.key.bias", "blip2_pretrained"),
-        ("blip2", "ln_vision.weight", "blip2_pretrained"),
-        ("eva", "blocks.1.attn.q_bias", "eva_vit_g.pth"),
+        ("blip2", "Qformer.bert.encoder.layer.1.output_query.dense.weight",
+         "qformer.encoder.layer.1.output_query.dense.weight", "blip2_pretrained"),
+        ("blip2", "Qformer.bert.encoder.layer.0.crossattention.self.key.bias",
+         "qformer.encoder.layer.0.crossattention.attention.key.bias", "blip2_pretrained"),
+        ("blip2", "ln_vision.weight", "vision_model.post_layernorm.weight", "blip2_pretrained"),
+        ("eva", "blocks.1.attn.q_bias", "vision_model.encoder.layers.1.self_attn.qkv.bias", "eva_vit_g.pth"),
     ],
 )
-def test_missing_key_is_named(lavis, source: str, key: str, file_hint: str) -> None:
+def test_missing_key_is_named(lavis, source: str, key: str, ours: str, file_hint: str) -> None:
     eva, blip2 = (dict(d) for d in lavis)
     del (blip2 if source == "blip2" else eva)[key]
-    with pytest.raises(CheckpointKeyError, match=rf"{key}.*{file_hint}"):
+    with pytest.raises(CheckpointKeyError) as err:
         lavis_to_hf_blip2(eva, blip2, num_vision_layers=USED_BLOCKS)
+    message = str(err.value)
+    assert "\n" not in message and file_hint in message
+    assert f"needs 1 key(s) the checkpoint lacks, the first {source}:{key} (ours: {ours})" in message
+
+
+@pytest.mark.parametrize(
+    ("source", "key", "ours", "shape"),
+    [
+        ("eva", "blocks.1.mlp.fc1.weight", "vision_model.encoder.layers.1.mlp.fc1.weight", (EVA_MLP + 1, EVA_WIDTH)),
+        # an odd tensor that a size is read off: the size most tensors agree on wins, so this one is named
+        ("eva", "cls_token", "vision_model.embeddings.class_embedding", (1, 1, EVA_WIDTH + 2)),
+        ("eva", "pos_embed", "vision_model.embeddings.position_embedding", (1, (IMAGE // PATCH) ** 2 + 2, EVA_WIDTH)),
+        ("blip2", "ln_vision.weight", "vision_model.post_layernorm.weight", (EVA_WIDTH - 8,)),
+        ("blip2", "Qformer.bert.encoder.layer.0.crossattention.self.key.weight",
+         "qformer.encoder.layer.0.crossattention.attention.key.weight", (QF_WIDTH, EVA_WIDTH - 8)),
+        ("blip2", "Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight",
+         "qformer.encoder.layer.1.output_query.LayerNorm.weight", (QF_WIDTH + 1,)),
+        ("blip2", "query_tokens", "query_tokens", (1, QUERIES, QF_WIDTH + 1)),
+    ],
+)
+def test_wrong_shape_is_named_in_one_line(lavis, source: str, key: str, ours: str, shape: tuple) -> None:
+    eva, blip2 = (dict(d) for d in lavis)
+    state = blip2 if source == "blip2" else eva
+    expected = list(state[key].shape)
+    state[key] = torch.zeros(shape)
+    with pytest.raises(CheckpointKeyError) as err:
+        lavis_to_hf_blip2(eva, blip2, num_vision_layers=USED_BLOCKS)
+    message = str(err.value)
+    assert "\n" not in message and "re-download" in message
+    assert f"{source}:{key} (ours: {ours}) has shape {list(shape)}, expected {expected}" in message
+
+
+def test_q_and_v_bias_of_different_shapes_are_named(lavis) -> None:
+    eva, blip2 = lavis
+    with pytest.raises(CheckpointKeyError, match=r"^eva:blocks\.0\.attn\.q_bias \+ blocks\.0\.attn\.v_bias \(ours: "
+                       r"vision_model\.encoder\.layers\.0\.self_attn\.qkv\.bias\) have shapes \[1, 48\] and \[48\]"):
+        lavis_to_hf_blip2(eva | {"blocks.0.attn.q_bias": torch.zeros(1, EVA_WIDTH)}, blip2, USED_BLOCKS)
+
+
+def _target(vision_preset: str, qformer_preset: str, queries: int) -> dict[str, Tensor]:
+    """What build_model's load path checks against: the model's parameters (meta: shapes only), LLM side included."""
+    from minigpt4qwen.models.qformer import build_qformer
+
+    with torch.device("meta"):
+        vision = build_vision(vision_preset)
+        qformer, query_tokens = build_qformer(qformer_preset, vision.config.hidden_size, queries)
+    return ({f"vision_model.{k}": p for k, p in vision.named_parameters()}
+            | {f"qformer.{k}": p for k, p in qformer.named_parameters()}
+            | {"query_tokens": query_tokens, "llm_proj.weight": torch.zeros(2, QF_WIDTH)})
+
+
+def test_files_of_another_size_than_the_model_name_the_config_key(lavis, tmp_path, monkeypatch) -> None:
+    from minigpt4qwen.models.qformer import QFORMER_PRESETS
+
+    eva, blip2 = lavis
+    torch.save(eva, tmp_path / "eva_vit_g.pth")
+    torch.save({"model": blip2}, tmp_path / "blip2.pth")
+    monkeypatch.setitem(VISION_PRESETS, "lavis-test", {
+        "hidden_size": EVA_WIDTH, "intermediate_size": EVA_MLP, "num_hidden_layers": USED_BLOCKS,
+        "num_attention_heads": EVA_HEADS, "image_size": IMAGE, "patch_size": PATCH, "layer_norm_eps": 1e-6})
+    monkeypatch.setitem(QFORMER_PRESETS, "one-layer", QFORMER_PRESETS["tiny"] | {"num_hidden_layers": 1})
+
+    def load(vision: str, qformer: str, queries: int) -> dict:
+        return load_blip2_vision_side(tmp_path / "eva_vit_g.pth", tmp_path / "blip2.pth", USED_BLOCKS, CROSS_FREQ,
+                                      target=_target(vision, qformer, queries))[0]
+
+    state, _ = lavis_to_hf_blip2(eva, blip2, USED_BLOCKS, CROSS_FREQ)
+    loaded = load("lavis-test", "tiny", QUERIES)  # the fixture's sizes: tiny is its Q-Former
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    cases = [
+        (("tiny", "tiny", QUERIES),
+         r"^eva:cls_token \(ours: vision_model\.embeddings\.class_embedding\) has shape \[1, 1, 48\], expected "
+         r"\[1, 1, 32\] \(the model the config builds\);.*check model\.vision$"),
+        (("lavis-test", "tiny", 8),
+         r"^blip2:query_tokens \(ours: query_tokens\) has shape \[1, 4, 32\], expected \[1, 8, 32\].*"
+         r"model\.num_query_tokens"),
+        (("lavis-test", "one-layer", QUERIES),
+         r"^blip2:Qformer\.bert\.encoder\.layer\.1\.attention\.self\.query\.weight \(ours: qformer\.encoder\.layer\.1\."
+         r"attention\.attention\.query\.weight\) and 15 more weight\(s\) have no place in the model.*"
+         r"check model\.qformer$"),
+    ]
+    for args, message in cases:
+        with pytest.raises(CheckpointKeyError, match=message) as err:
+            load(*args)
+        assert "\n" not in str(err.value)
 
 
 def test_too_few_eva_blocks_and_wrong_cross_frequency(lavis) -> None:

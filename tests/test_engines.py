@@ -21,10 +21,11 @@ import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
+from test_train import RANDOM_PARTS
 
 from minigpt4qwen.config import Config, load_config, save_config
-from minigpt4qwen.train.checkpoint import WEIGHTS, latest_checkpoint, load_weights
-from minigpt4qwen.train.engines import consolidate, deepspeed_config, merge_lora, oom_hint, param_groups
+from minigpt4qwen.runs import WEIGHTS, consolidate, latest_checkpoint, load_weights
+from minigpt4qwen.train.engines import deepspeed_config, merge_lora, oom_hint, param_groups
 from minigpt4qwen.train.loop import train
 
 # the global batch is 8 samples in 2 micro-batches: 1 process x 4 x accum 2 == 2 processes x 2 x accum 2
@@ -122,8 +123,11 @@ def test_ddp_two_processes_match_single_and_resume_exactly_after_kill(tmp_path, 
     full = losses(run)
     assert full == pytest.approx(reference, **PARITY)
     assert set(load_weights(latest_checkpoint(run))) == {"llm_proj.weight", "llm_proj.bias"}
-    resumed = _kill_and_resume(tmp_path, shapes_data, "ddp-killed")
-    assert resumed == full  # bit-identical continuation: same data order, optimizer, schedule, RNG
+    # with LoRA dropout and augmentation on: every rank's RNG must continue where it was
+    cfg_file, run = _config(tmp_path, shapes_data, "ddp-random", *RANDOM_PARTS)
+    _run(_torchrun("--config", str(cfg_file)), tmp_path / "ddp-random.log")
+    resumed = _kill_and_resume(tmp_path, shapes_data, "ddp-killed", *RANDOM_PARTS)
+    assert resumed == losses(run)  # bit-identical continuation: same data order, optimizer, schedule, RNG
 
 
 @pytest.mark.slow
@@ -156,6 +160,11 @@ def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_da
     assert full == pytest.approx(reference, **PARITY)
     ckpt = latest_checkpoint(run)
     assert (ckpt / "fsdp").is_dir() and set(load_weights(ckpt)) == {"llm_proj.weight", "llm_proj.bias"}
+    # a checkpoint without the gathered file (what a full-LLM run saves before its last step) still loads
+    gathered = load_weights(ckpt)
+    (ckpt / WEIGHTS).unlink()
+    rebuilt = load_weights(ckpt)
+    assert all(torch.equal(rebuilt[k], gathered[k].float()) for k in gathered)
     # resume from the step-6 DCP checkpoint as if everything after it was lost
     root = run / "checkpoints"
     for later in [p for p in root.glob("step-*") if int(p.name.split("-")[1]) > 6]:
@@ -163,6 +172,60 @@ def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_da
     (root / "latest").write_text("step-00000006")
     _run(_torchrun("--resume", str(run)), tmp_path / "fsdp-resume.log")
     assert losses(run) == full
+    # frozen weights sharded like trainable ones (for models that do not fit one GPU): the same training
+    cfg_file, run = _config(tmp_path, shapes_data, "fsdp-shard", "engine.name=fsdp", "engine.frozen=shard")
+    _run(_torchrun("--config", str(cfg_file)), tmp_path / "fsdp-shard.log")
+    assert losses(run) == pytest.approx(reference, **PARITY)
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous_train_and_resume(tmp_path, shapes_data, reference):
+    """`torchrun --nnodes=2 --rdzv_backend=c10d` as two launchers on this machine (one process each): the same
+    losses as one process with the same global batch, and a resume under the same two launchers continues."""
+    cfg_file, run = _config(tmp_path, shapes_data, "nodes")
+    port = _port()
+
+    def launch(*args: str) -> list[subprocess.Popen]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=nodes-{port}",
+               "-m", "minigpt4qwen", "train", *args]
+        procs = [subprocess.Popen(cmd, stdout=open(tmp_path / f"node{i}.log", "w"), stderr=subprocess.STDOUT,
+                                  env=ENV) for i in range(2)]
+        for i, proc in enumerate(procs):
+            assert proc.wait(timeout=400) == 0, (tmp_path / f"node{i}.log").read_text()[-3000:]
+        return procs
+
+    launch("--config", str(cfg_file))
+    full = losses(run)
+    assert full == pytest.approx(reference, **PARITY)
+    root = run / "checkpoints"  # lose everything after step 6, then resume under two "nodes" again
+    for later in [p for p in root.glob("step-*") if int(p.name.split("-")[1]) > 6]:
+        shutil.rmtree(later)
+    (root / "latest").write_text("step-00000006")
+    launch("--resume", str(run))
+    assert losses(run) == full
+
+
+def test_frozen_parts_are_hidden_from_zero_but_still_run(tmp_path, shapes_data):
+    from minigpt4qwen.models.minigpt4qwen import build_model
+    from minigpt4qwen.train.engines import hide_frozen_parts, replicate_frozen
+
+    cfg = tiny_config(tmp_path, shapes_data)
+    assert replicate_frozen(cfg, torch.nn.Linear(2, 2), torch.device("cpu"))  # auto: always on the CPU
+    cfg.engine.frozen = "shard"
+    assert not replicate_frozen(cfg, torch.nn.Linear(2, 2), torch.device("cpu"))
+    model = build_model(cfg.model).model.eval()
+    ids = torch.randint(0, 100, (2, 20))
+    ids[:, 2:6] = model.image_token_id
+    labels = ids.clone()
+    feats = torch.randn(2, 4, model.qformer.config.hidden_size)
+    with torch.no_grad():
+        before = model(ids, None, labels, features=feats)[0]
+    hidden = hide_frozen_parts(model)
+    assert set(hidden) == {"vision_model", "qformer", "llm", "query_tokens"}
+    assert {n for n, _ in model.named_parameters()} == {"llm_proj.weight", "llm_proj.bias"}
+    with torch.no_grad():
+        assert torch.equal(model(ids, None, labels, features=feats)[0], before)
 
 
 # --------------------------------------------------------------------------------------------- in-process checks

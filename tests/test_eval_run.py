@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 from conftest import tiny_config
+
 from minigpt4qwen.__main__ import main
 from minigpt4qwen.eval.mme import read_mme, score_answer_dir
+from minigpt4qwen.eval.run import mme_during_training
 from minigpt4qwen.train.loop import train
 
 
@@ -29,7 +31,7 @@ def test_mme_every_epoch_during_training(tmp_path, shapes_data):
     cfg = tiny_config(tmp_path, shapes_data, "train.epochs=1", "train.max_steps=-1", "train.batch_size=8",
                       "train.grad_accum=4", f"eval.mme_root={shapes_data / 'mme'}", "eval.every_n_epochs=1",
                       "eval.max_new_tokens=2")
-    run = train(cfg)
+    run = train(cfg, evaluate=mme_during_training)  # what `minigpt4qwen train` passes
     (evaldir,) = (run / "eval").iterdir()
     assert json.loads((evaldir / "summary.json").read_text())["subtasks"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

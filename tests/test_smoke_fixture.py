@@ -1,5 +1,5 @@
 def test_tiny_run_has_checkpoint(tiny_run):
-    from minigpt4qwen.train.checkpoint import latest_checkpoint
+    from minigpt4qwen.runs import latest_checkpoint
 
     ckpt = latest_checkpoint(tiny_run)
     assert ckpt is not None and ckpt.name == "step-00000004"

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
-from minigpt4qwen.config import save_config
+from minigpt4qwen.config import ConfigError, save_config
 from minigpt4qwen.data.images import ImageError
 from minigpt4qwen.models.minigpt4qwen import CheckpointMismatchError, build_model
-from minigpt4qwen.train.checkpoint import latest_checkpoint, load_weights
+from minigpt4qwen.runs import latest_checkpoint, load_weights
 from minigpt4qwen.train.loop import lr_at, param_groups, train
 
 
@@ -75,10 +75,16 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "minigpt4qwen", *args]
 
 
+# LoRA dropout draws from the global RNG and crops/flips from per-sample generators: a resume must restore the
+# first and not disturb it (a DataLoader iterator that draws its base seed from it shifted every later mask)
+RANDOM_PARTS = ["model.trainable.llm=lora", "model.lora.dropout=0.1", "data.random_resized_crop=true",
+                "data.hflip=true"]
+
+
 def test_resume_after_sigkill_continues_the_same_loss_sequence(tmp_path, shapes_data):
     steps = 40
     extra = [f"train.max_steps={steps}", "train.save_every_steps=3", "train.batch_size=2", "train.grad_accum=1",
-             "train.keep_last=1"]
+             "train.keep_last=1", *RANDOM_PARTS]
     full = train(tiny_config(tmp_path / "full", shapes_data, *extra))
     reference = losses(full)
     assert len(reference) == steps
@@ -233,3 +239,47 @@ def test_resume_refuses_another_schedule_or_batch(tmp_path, shapes_data):
     with pytest.raises(ConfigError, match="global_batch=8, this run has 4"):
         train(resume=run, overrides=["train.grad_accum=1"])
     assert (run / "config.yaml").read_text() == saved  # a refused resume leaves the run as it was
+
+
+def test_a_fresh_start_never_overwrites_a_run(tmp_path, shapes_data):
+    cfg = tiny_config(tmp_path, shapes_data, "train.max_steps=2")
+    run = train(cfg)
+    before = (run / "log.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"already holds a run .*--resume .*--overwrite"):
+        train(tiny_config(tmp_path, shapes_data, "train.max_steps=3"))
+    assert (run / "log.jsonl").read_text() == before and latest_checkpoint(run).name == "step-00000002"
+    train(tiny_config(tmp_path, shapes_data, "train.max_steps=3"), overwrite=True)
+    assert len(losses(run)) == 3 and latest_checkpoint(run).name == "step-00000003"
+
+
+def test_full_disk_stops_before_writing_and_keeps_the_last_checkpoint(tmp_path, shapes_data, monkeypatch):
+    import shutil as _shutil
+
+    from minigpt4qwen.train import loop
+
+    cfg = tiny_config(tmp_path, shapes_data, "train.max_steps=6", "train.save_every_steps=2")
+    real = _shutil.disk_usage
+    calls = {"n": 0}
+
+    def usage(path):  # plenty of room for the first checkpoint, then almost none
+        calls["n"] += 1
+        total, used, free = real(path)
+        return type(real(path))(total, used, free if calls["n"] == 1 else 1000)
+
+    monkeypatch.setattr(loop.shutil, "disk_usage", usage)
+    with pytest.raises(OSError, match=r"not enough disk space for checkpoint step 4 .*needs about .* GB"):
+        train(cfg)
+    run = Path(cfg.train.output_dir)
+    assert latest_checkpoint(run).name == "step-00000002"
+    assert not list((run / "checkpoints").glob(".step-*"))  # nothing half-written left behind
+
+
+def test_save_schedule():
+    from minigpt4qwen.config import TrainConfig
+    from minigpt4qwen.train.loop import save_due
+
+    every_epoch = [s for s in range(1, 13) if save_due(s, 12, 4, TrainConfig())]
+    assert every_epoch == [4, 8, 12]
+    assert [s for s in range(1, 13) if save_due(s, 12, 4, TrainConfig(save_every_epochs=2))] == [8, 12]
+    assert [s for s in range(1, 13) if save_due(s, 12, 4, TrainConfig(save_every_epochs=0, save_every_steps=5))] \
+        == [5, 10, 12]

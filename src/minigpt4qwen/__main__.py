@@ -24,14 +24,16 @@ log = logging.getLogger("minigpt4qwen")
 
 def _train(args) -> int:
     from .config import load_config
+    from .eval.run import mme_during_training
     from .train.loop import train
 
     if args.resume and not args.config:
-        run = train(resume=args.resume, overrides=args.overrides)
+        run = train(resume=args.resume, overrides=args.overrides, evaluate=mme_during_training)
     else:
         if not args.config:
             raise SystemExit("train needs --config FILE.yaml (or --resume RUN_DIR)")
-        run = train(load_config(args.config, args.overrides), resume=args.resume)
+        run = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite,
+                    evaluate=mme_during_training)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {run}")
     return 0
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config (dotted key=value overrides after it)")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--resume", help="run directory to continue from its newest checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete a run already in train.output_dir and start afresh (default: refuse)")
     t.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed launcher
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_txt_len=128")
     t.set_defaults(fn=_train)
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline end-to-end demo on CPU: data, training, held-out accuracy, answers")
     d.add_argument("--out", default="demo_runs/demo", help="output folder (data + runs)")
     d.add_argument("--fast", action="store_true", help="reduced budget (used by the tests)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data, the vision pretraining and the training")
     d.set_defaults(fn=_demo)
     return p
 

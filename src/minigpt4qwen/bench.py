@@ -33,7 +33,8 @@ from .data.conversation import IGNORE_INDEX
 from .data.dataset import length_grouped
 from .models.minigpt4qwen import MiniGPT4Qwen, build_model
 from .serve.fastdecode import FastDecoder
-from .train.loop import autocast_ctx, param_groups, resolve_device, to_device
+from .train.engines import param_groups, resolve_device
+from .train.step import autocast_ctx, to_device
 
 log = logging.getLogger("minigpt4qwen.bench")
 

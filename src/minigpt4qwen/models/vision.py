@@ -20,6 +20,9 @@ VISION_PRESETS: dict[str, dict] = {
         image_size=32, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True,
     ),
 }
+#: eps of BLIP-2's `ln_vision`, a plain nn.LayerNorm, while EVA's block norms use 1e-6 (the presets' layer_norm_eps).
+#: Blip2VisionConfig has one eps for all its norms, so build_vision sets this one on `post_layernorm` itself.
+LN_VISION_EPS = 1e-5
 
 
 def vision_config(preset: str) -> Blip2VisionConfig:
@@ -29,5 +32,11 @@ def vision_config(preset: str) -> Blip2VisionConfig:
     return Blip2VisionConfig(**VISION_PRESETS[preset], attention_dropout=0.0, initializer_range=0.02)
 
 
-def build_vision(preset: str) -> Blip2VisionModel:
-    return Blip2VisionModel(vision_config(preset))
+def build_vision(preset: str | Blip2VisionConfig) -> Blip2VisionModel:
+    """The vision tower of a preset (or a config read off a checkpoint) with LAVIS's eps in `post_layernorm`.
+
+    The eps is an attribute, not a weight: it is not saved, so every model we load goes through here to get it.
+    """
+    model = Blip2VisionModel(preset if isinstance(preset, Blip2VisionConfig) else vision_config(preset))
+    model.post_layernorm.eps = LN_VISION_EPS
+    return model

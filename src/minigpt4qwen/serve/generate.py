@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from ..config import Config, load_config
 from ..data.conversation import ChatTemplate, Turn
 from ..data.images import ImageProcessor, load_image
-from ..models.minigpt4qwen import MiniGPT4Qwen, build_model
-from ..train.checkpoint import latest_checkpoint, load_weights
+from ..models.minigpt4qwen import MiniGPT4Qwen
+from ..runs import Run, load_run
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +57,17 @@ class Assistant:
         self.fast_decode = fast_decode  # greedy batches through FastDecoder; None: on CUDA only
         self.compile_decoder = compile_decoder  # torch.compile the FastDecoder step (the first use compiles)
         self._decoder = None
+        self.run: Run | None = None  # the run directory, checkpoint and config, when loaded by from_run
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None, max_txt_len: int | None = None,
-                 compile_decoder: bool = False) -> "Assistant":
-        """Load a training run directory (its config + newest checkpoint) or one checkpoint directory."""
-        path = Path(run_dir)
-        run = path if (path / "config.yaml").is_file() else path.parent.parent
-        if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir}: no config.yaml; pass a run directory written by `minigpt4qwen train`")
-        cfg: Config = load_config(run / "config.yaml")
-        for key in ("llm", "tokenizer", "vision_checkpoint", "eva_checkpoint", "blip2_checkpoint", "qformer_init",
-                    "projector_checkpoint"):  # exported runs keep their parts inside the folder, so it can move
-            value = getattr(cfg.model, key)
-            if value and not Path(value).is_absolute() and (run / value).exists():
-                setattr(cfg.model, key, str(run / value))
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint yet (checkpoints/step-*/trainable.safetensors)")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if (run / "tokenizer").is_dir():
-            cfg.model.tokenizer = str(run / "tokenizer")
-        torch.manual_seed(cfg.train.seed)  # parts without a checkpoint (random: presets) rebuild as in training
-        built = build_model(cfg.model, dev)
-        built.model.load_partial(load_weights(ckpt), str(ckpt))
-        log.info("loaded %s", ckpt)
-        from ..train.loop import image_size, make_template
-
-        template = make_template(cfg, built.tokenizer, built.model.image_token_id)
-        processor = ImageProcessor(image_size(cfg, built.model), train=False)
-        return cls(built.model, built.tokenizer, template, processor, max_txt_len or max(cfg.data.max_txt_len, 1024),
-                   compile_decoder=compile_decoder)
+                 compile_decoder: bool = False) -> Assistant:
+        """Load a run directory (its config + newest complete checkpoint) or one checkpoint directory in it."""
+        run = load_run(run_dir, device)
+        assistant = cls(run.model, run.tokenizer, run.template, run.processor,
+                        max_txt_len or max(run.cfg.data.max_txt_len, 1024), compile_decoder=compile_decoder)
+        assistant.run = run
+        return assistant
 
     # ------------------------------------------------------------------ inputs
 

@@ -36,11 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, TrainConfig
-from .checkpoint import WEIGHTS, load_weights
+from ..runs import DS_TAG, FSDP_DIR, load_weights
 
 SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
-DS_TAG = "deepspeed"
-FSDP_DIR = "fsdp"
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -168,6 +166,39 @@ def _norm(value) -> float:
     return float(value)
 
 
+def replicate_frozen(cfg: Config, module: nn.Module, device: torch.device) -> bool:
+    """engine.frozen resolved: True keeps frozen weights whole on every process, outside ZeRO's / FSDP's sets.
+
+    Stage 1 trains a 3M-parameter projector beside 8.8B frozen ones: sharding those means gathering the whole
+    frozen LLM and towers for every micro-batch (ZeRO-3 ran at 30% of DDP's speed on 4 GPUs that way).
+    """
+    if cfg.engine.frozen != "auto":
+        return cfg.engine.frozen == "replicate"
+    if device.type != "cuda":
+        return True
+    frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+    return frozen <= 0.5 * torch.cuda.get_device_properties(device).total_memory
+
+
+def hide_frozen_parts(module: nn.Module) -> list[str]:
+    """Take wholly frozen children and frozen direct parameters out of `module`'s registry (they stay reachable as
+    plain attributes), so an engine that partitions every registered parameter (ZeRO-3) leaves them alone.
+    Returns the hidden names. The model's code reaches them by attribute as before."""
+    hidden = []
+    for name, child in list(module._modules.items()):
+        params = list(child.parameters()) if child is not None else []
+        if params and not any(p.requires_grad for p in params):
+            del module._modules[name]
+            object.__setattr__(module, name, child)
+            hidden.append(name)
+    for name, p in list(module._parameters.items()):
+        if p is not None and not p.requires_grad:
+            del module._parameters[name]
+            object.__setattr__(module, name, p)
+            hidden.append(name)
+    return hidden
+
+
 # --------------------------------------------------------------------------------------------- engines
 
 
@@ -213,9 +244,17 @@ class Engine:
         return self.module.trainable_state_dict()
 
     def save(self, tmp: Path) -> dict:
-        """Collective: write engine files into `tmp`; return what rank 0 puts in training_state.pt."""
+        """Collective: write engine files into `tmp`; return what rank 0 puts in training_state.pt.
+        An engine may finish writing in the background: `save_done()` / `wait_saved()` tell when it has."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()}
+
+    def save_done(self) -> bool:
+        return True
+
+    def wait_saved(self) -> None:
+        pass
+
 
     def load(self, ckpt: Path, state: dict) -> None:
         self.module.load_partial(load_weights(ckpt), str(ckpt))
@@ -276,6 +315,7 @@ class DeepSpeedEngine(Engine):
         self.module, self.dist, self.tc = module, dist_, cfg.train
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(module, total, self.tc)
+        self.hidden = hide_frozen_parts(module) if replicate_frozen(cfg, module, dist_.device) else []
         # only trainable parameters: ZeRO must not build optimizer partitions for the frozen towers
         self.model, _, _, _ = deepspeed.initialize(
             model=module, model_parameters=self.trainable, optimizer=self.optimizer, lr_scheduler=self.scheduler,
@@ -322,14 +362,20 @@ class FSDPEngine(Engine):
 
         if precision == "fp16":
             raise ValueError("engine fsdp: use train.precision=bf16 (or fp32)")
+        self.async_save, self._gloo, self._future = cfg.engine.async_save, None, None
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
         kw = {"mp_policy": mp, "reshard_after_forward": cfg.engine.fsdp_reshard_after_forward}
+        # replicated frozen weights are FSDP's ignored_params: never sharded, gathered, cast or reduced
+        frozen = {p for p in module.parameters() if not p.requires_grad} \
+            if replicate_frozen(cfg, module, self.dist.device) else set()
         blocks = [b for name, sub in module.named_modules() if isinstance(sub, nn.ModuleList)
                   and name.rsplit(".", 1)[-1] in ("layers", "layer") for b in sub]
         for block in blocks:
-            fully_shard(block, **kw)
-        return fully_shard(module, **kw)  # the root: embeddings, projector, query tokens, lm_head
+            own = set(block.parameters())
+            if own - frozen:  # a block left wholly frozen stays a plain module
+                fully_shard(block, ignored_params=own & frozen, **kw)
+        return fully_shard(module, ignored_params=frozen, **kw)  # root: embeddings, projector, queries, lm_head
 
     def accumulate(self, is_last: bool):
         self.model.set_requires_gradient_sync(is_last)
@@ -358,10 +404,29 @@ class FSDPEngine(Engine):
         return {"model": self._trainable_only(model_sd), "optim": optim_sd}
 
     def save(self, tmp: Path) -> dict:
+        """With engine.async_save, DCP copies this rank's shards to CPU memory (the only time training waits) and
+        writes them from a background thread; the loop publishes the checkpoint once every rank has finished."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._sharded(), checkpoint_id=str(tmp / FSDP_DIR))
+        self.wait_saved()
+        if self.async_save:
+            if self._gloo is None:  # DCP's background thread coordinates over a CPU group, not NCCL
+                self._gloo = dist.new_group(backend="gloo")
+            # DCP's default stager: a fresh CPU copy per save. A persistent pinned-memory DefaultStager (reused
+            # buffers) failed at its second save on torch 2.11 (KeyError: <class 'type'>, 4x H100, 2026-11-28).
+            self._future = dcp.async_save(self._sharded(), checkpoint_id=str(tmp / FSDP_DIR), process_group=self._gloo)
+        else:
+            dcp.save(self._sharded(), checkpoint_id=str(tmp / FSDP_DIR))
         return {"scheduler": self.scheduler.state_dict()}
+
+    def save_done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait_saved(self) -> None:
+        if self._future is not None:
+            self._future.result()  # re-raises a failed write
+            self._future = None
+
 
     def load(self, ckpt: Path, state: dict) -> None:
         import torch.distributed.checkpoint as dcp
@@ -387,47 +452,6 @@ def build_engine(module: nn.Module, cfg: Config, dist_: Dist, total: int, precis
 
 
 # --------------------------------------------------------------------------------------------- export helpers
-
-
-def consolidate(path: str | Path) -> Path:
-    """One `trainable.safetensors` for a run directory or checkpoint of any engine; returns its path.
-
-    Our runs always write it; this rebuilds it from a DeepSpeed (ZeRO-3 included) or FSDP/DCP state that lacks
-    it, e.g. a checkpoint copied without it or written by another DeepSpeed trainer (a dir with `latest`).
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    ckpt = _checkpoint_dir(path)
-    if (ckpt / WEIGHTS).is_file():
-        return ckpt / WEIGHTS
-    if (ckpt / DS_TAG).is_dir() or (ckpt / "latest").is_file():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        tag = DS_TAG if (ckpt / DS_TAG).is_dir() else None
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag, exclude_frozen_parameters=True)
-    elif (ckpt / FSDP_DIR).is_dir():
-        import tempfile
-
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(str(ckpt / FSDP_DIR), f"{tmp}/full.pt")
-            state = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)["model"]
-    else:
-        raise FileNotFoundError(f"{path}: no {WEIGHTS}, DeepSpeed ({DS_TAG}/ or latest) or FSDP ({FSDP_DIR}/) state")
-    out = ckpt / WEIGHTS
-    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(out))
-    return out
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    """The checkpoint a run directory's `latest` names (complete or not), else its newest, else `path` itself."""
-    root = path / "checkpoints"
-    if (root / "latest").is_file():
-        return root / (root / "latest").read_text().strip()
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
-    return steps[-1] if steps else path
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

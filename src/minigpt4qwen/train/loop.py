@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,22 +21,29 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, load_config, save_config
-from ..data.collate import collate, right_padded
-from ..data.conversation import IGNORE_INDEX, ChatTemplate
+from ..config import Config, ConfigError
+from ..data.collate import collate
 from ..data.dataset import InstructionDataset, ResumableSampler
 from ..data.images import ImageProcessor
 from ..models.minigpt4qwen import build_model, log_counts
-from .checkpoint import (
+from ..runs import (
+    CONFIG,
+    TOKENIZER,
     begin_checkpoint,
     finish_checkpoint,
+    image_size,
     latest_checkpoint,
     load_training_state,
+    make_template,
+    read_meta,
+    read_run_config,
     rng_state,
+    save_run_config,
     set_rng_state,
     tmp_checkpoint_dir,
 )
 from .engines import Dist, Engine, build_engine, init_distributed, lr_at, oom_hint, param_groups, resolve_device
+from .step import micro_step, supervised_tokens
 
 __all__ = ["lr_at", "param_groups", "resolve_device", "train"]
 
@@ -50,32 +58,6 @@ def setup_logging(run_dir: Path | None = None) -> None:
         fh = logging.FileHandler(run_dir / "train.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
-
-
-def make_template(cfg: Config, tokenizer, image_token_id: int) -> ChatTemplate:
-    return ChatTemplate(tokenizer, image_token_id, cfg.model.num_query_tokens, cfg.data.system_prompt,
-                        cfg.data.template)
-
-
-def image_size(cfg: Config, model) -> int:
-    return cfg.data.image_size or model.vision_model.config.image_size
-
-
-# --------------------------------------------------------------------------------------------- optimisation
-
-
-def autocast_ctx(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def supervised_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if batch.get("size") else 0
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -126,20 +108,26 @@ def cache_image_features(cfg: Config, model, dataset: InstructionDataset) -> Non
     log.info("cached Q-Former features of %d images in %.1f s", len(dataset.features), time.time() - start)
 
 
-def evaluate_during_training(cfg: Config, model, tokenizer, template, run_dir: Path, step: int, writer) -> dict:
-    """MME on the weights just saved, in-process; scores go to TensorBoard and RUN_DIR/eval/mme-step-N/."""
-    from ..eval.run import run_mme
-    from ..serve.generate import Assistant
+class DiskFullError(OSError):
+    """Too little free disk for the next checkpoint; raised before anything of it is written."""
 
-    assistant = Assistant(model, tokenizer, template, ImageProcessor(image_size(cfg, model), train=False))
-    summary = run_mme(assistant, cfg.eval.mme_root, run_dir / "eval" / f"mme-step-{step:08d}", cfg.eval.batch_size,
-                      cfg.eval.prompt_suffix, cfg.eval.max_new_tokens)
-    writer.add_scalar("mme/perception", summary["perception"], step)
-    writer.add_scalar("mme/cognition", summary["cognition"], step)
-    for name, sub in summary["subtasks"].items():
-        writer.add_scalar(f"mme/{name}", sub["score"], step)
-    log.info("MME at step %d: perception %.2f cognition %.2f", step, summary["perception"], summary["cognition"])
-    return summary
+
+FULL_WEIGHTS_EVERY_SAVE = 2**26  # trainable parameters (256 MB in fp32) up to which every save writes the file
+
+
+def checkpoint_bytes(run_dir: Path, n_trainable: int) -> int:
+    """Disk one more checkpoint needs: the newest complete one's size, else 16 bytes per trainable parameter (fp32
+    weights + AdamW's two moments + DeepSpeed's fp32 master copy), plus 10% and 64 MB of slack."""
+    ckpt = latest_checkpoint(run_dir)
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt is not None else 16 * n_trainable
+    return int(size * 1.1) + 64 * 2**20
+
+
+def save_due(step: int, total: int, steps_per_epoch: int, tc) -> bool:
+    """The save schedule: the last step, every save_every_steps steps, the end of every save_every_epochs-th epoch."""
+    if step >= total or (tc.save_every_steps and step % tc.save_every_steps == 0):
+        return True
+    return bool(tc.save_every_epochs) and step % (steps_per_epoch * tc.save_every_epochs) == 0
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -164,8 +152,7 @@ def _step_plan(dist_: Dist, micro: list[dict]) -> tuple[list[int], int]:
 def _check_resume_layout(ckpt: Path, total: int, global_batch: int) -> None:
     """The schedule (total steps) and the data position (samples per step) must be those the checkpoint was made
     with, or the run would silently continue on another LR curve from another place in the data."""
-    meta_file = ckpt / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_meta(ckpt)
     for key, now, what in (("total_steps", total, "train.epochs/max_steps"),
                            ("global_batch", global_batch, "processes x train.batch_size x train.grad_accum")):
         if key in meta and meta[key] != now:
@@ -182,29 +169,63 @@ def _resume_rng(ts: dict, dist_: Dist) -> dict:
     return per_rank[dist_.rank]
 
 
-def train(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = ()) -> Path:
-    """Run (or resume) training; returns the run directory. Every process of a launched job calls this."""
+def existing_run(run_dir: Path) -> str | None:
+    """What in `run_dir` shows an earlier run (that a fresh start would overwrite), or None."""
+    if (run_dir / "config.yaml").is_file():
+        return "config.yaml"
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        return "checkpoints/"
+    if (run_dir / "log.jsonl").is_file():
+        return "log.jsonl"
+    return None
+
+
+Evaluator = Callable[..., object]
+"""A hook the loop calls every `eval.every_n_epochs` epochs on rank 0 of a plain/DDP run, after the checkpoint:
+`evaluate(cfg, model, tokenizer, template, run_dir, step, writer)`. The CLI passes eval.run.mme_during_training;
+the loop itself imports nothing from eval/ or serve/."""
+
+
+def train(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
+          overwrite: bool = False, evaluate: Evaluator | None = None) -> Path:
+    """Run (or resume) training; returns the run directory. Every process of a launched job calls this.
+
+    A fresh start never writes into a directory that holds a run: it refuses, unless `overwrite` deletes it first.
+    `evaluate`: see Evaluator.
+    """
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a run directory to resume")
-        cfg = cfg or load_config(run_dir / "config.yaml", overrides)
+        if not (run_dir / CONFIG).is_file():
+            raise FileNotFoundError(f"{run_dir} has no {CONFIG}: not a run directory to resume")
+        cfg = cfg or read_run_config(run_dir, overrides)
     assert cfg is not None
     run_dir = Path(resume) if resume is not None else Path(cfg.train.output_dir)
     dist_ = init_distributed(cfg)
     try:
-        return _fit(cfg, run_dir, resume is not None, dist_)
+        if resume is None:
+            found = existing_run(run_dir) if dist_.main else None
+            if dist_.sum([float(found is not None)])[0]:  # collective: every rank decides together
+                if not overwrite:
+                    raise ConfigError(
+                        f"{run_dir} already holds a run ({found or 'see rank 0'}); continue it with `minigpt4qwen "
+                        f"train --resume {run_dir}`, choose another train.output_dir, or pass --overwrite to "
+                        "delete it and start afresh")
+                if dist_.main:
+                    log.warning("--overwrite: deleting the run in %s", run_dir)
+                    shutil.rmtree(run_dir)
+                dist_.barrier()
+        return _fit(cfg, run_dir, resume is not None, dist_, evaluate)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
+def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Evaluator | None) -> Path:
     tc, device = cfg.train, dist_.device
     if dist_.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:  # a resume rewrites it once the checkpoint is known to fit (below)
-            save_config(cfg, run_dir / "config.yaml")
+            save_run_config(cfg, run_dir)
         setup_logging(run_dir)
     else:
         logging.getLogger("minigpt4qwen").setLevel(logging.WARNING)
@@ -223,7 +244,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
         n = model.compile_decoder_layers(tc.compile_backend)
         log.info("torch.compile (%s) on %d LLM decoder layers: the first steps include compiling", tc.compile_backend, n)
     if dist_.main:
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+        tokenizer.save_pretrained(run_dir / TOKENIZER)
 
     template = make_template(cfg, tokenizer, model.image_token_id)
     processor = ImageProcessor(image_size(cfg, model), train=True, crop_scale_min=cfg.data.crop_scale_min,
@@ -239,8 +260,12 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
                                lengths=lengths, batch_size=tc.batch_size * tc.grad_accum,
                                window=cfg.data.length_window)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # its own generator: creating an iterator then draws no number from the global RNG, which a resume restores
+    # and dropout / LoRA dropout draw from (one extra draw shifted every later mask after a resume)
+    loader_gen = torch.Generator()
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=lambda items: collate(items, pad_id), pin_memory=device.type == "cuda")
+                        collate_fn=lambda items: collate(items, pad_id), pin_memory=device.type == "cuda",
+                        generator=loader_gen)
     micro_per_epoch = math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch
@@ -254,7 +279,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
     if ckpt is not None:
         _check_resume_layout(ckpt, total, dist_.world_size * tc.batch_size * tc.grad_accum)
     if resuming and dist_.main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_run_config(cfg, run_dir)
     engine = build_engine(model, cfg, dist_, total, precision)
     state = RunState()
 
@@ -282,21 +307,56 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1 if state.step else None)
     last_saved = state.step
 
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    pending: dict | None = None  # a checkpoint whose engine shards are still being written in the background
+
+    def publish() -> None:
+        """Rank 0 adds our files to the checkpoint whose shards every rank has finished and makes it `latest`."""
+        nonlocal pending
+        if pending is not None and dist_.main:
+            final = finish_checkpoint(*pending["args"])
+            log.info("checkpoint %s: training waited %.1f s, complete after %.1f s", final, pending["wait_s"],
+                     time.time() - pending["start"])
+        pending = None
+
+    def flush() -> None:
+        """Collective: wait for a background write, then publish it."""
+        if pending is not None:
+            engine.wait_saved()
+            dist_.barrier()
+            publish()
+
     def save() -> None:
         """Collective: every rank adds its engine shards, rank 0 writes our files and renames atomically."""
-        nonlocal last_saved
+        nonlocal last_saved, pending
+        flush()  # one checkpoint in flight at most
+        start = time.time()
+        need = checkpoint_bytes(run_dir, n_trainable) if dist_.main else 0
+        free = shutil.disk_usage(run_dir).free if dist_.main else 0
+        if dist_.sum([float(need > free)])[0]:  # every rank stops together, before anything is written
+            raise DiskFullError(f"not enough disk space for checkpoint step {state.step} in {run_dir}: it needs about "
+                          f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free; free space, lower train.keep_last or "
+                          "save less often (train.save_every_steps / train.save_every_epochs)")
         tmp = begin_checkpoint(run_dir, state.step) if dist_.main else tmp_checkpoint_dir(run_dir, state.step)
         dist_.barrier()
         engine_state = engine.save(tmp)
-        weights = engine.full_state_dict()
+        # a sharded engine's large trainable set (full LLM: 31 GB in fp32) is gathered into one file only at the
+        # end; before that its engine state is the checkpoint (`convert zero-to-safetensors` builds the file)
+        whole = engine.name in ("plain", "ddp") or n_trainable <= FULL_WEIGHTS_EVERY_SAVE or state.step >= total
+        weights = engine.full_state_dict() if whole else None
         rngs = dist_.gather(rng_state())
+        args = None
         if dist_.main:
             training_state = {**engine_state, "run": vars(state).copy(), "rng": rngs[0], "rng_per_rank": rngs}
             meta = {"step": state.step, "epoch": state.epoch, "total_steps": total, "engine": engine.name,
                     "world_size": dist_.world_size, "global_batch": dist_.world_size * tc.batch_size * tc.grad_accum}
-            log.info("saved %s", finish_checkpoint(tmp, weights, training_state, meta, tc.keep_last))
-        dist_.barrier()
+            args = (tmp, weights, training_state, meta, tc.keep_last)
+        pending = {"args": args, "start": start, "wait_s": time.time() - start}
         last_saved = state.step
+        if not getattr(engine, "async_save", False):
+            dist_.barrier()
+            publish()
 
     engine.model.train()
     bar = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, file=sys.stderr,
@@ -309,6 +369,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
             state.epoch = epoch
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch, start=in_epoch * tc.grad_accum * tc.batch_size)
+            loader_gen.manual_seed(tc.seed * 1009 + epoch)  # worker seeds depend on the epoch only
             batches = iter(loader)
             for _ in range(in_epoch, steps_per_epoch):
                 micro = []
@@ -320,19 +381,19 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
                 use, n_tok = _step_plan(dist_, micro)
                 loss_sum, samples, truncated = 0.0, 0, 0
                 for i in use:
-                    b = to_device(micro[i], device)
-                    # right padding (checked on the CPU copy): the causal mask alone suffices, see MiniGPT4Qwen.forward
-                    mask = None if right_padded(micro[i]["attention_mask"]) else b["attention_mask"]
                     with engine.accumulate(is_last=i == use[-1]):
-                        with autocast_ctx(device, precision):
-                            loss, _ = engine.model(b["input_ids"], mask, b["labels"], b["pixel_values"],
-                                                   b.get("features"))
                         # DDP/ZeRO/FSDP average over ranks: x world_size makes it a sum over the global batch
-                        engine.backward(loss * dist_.world_size / n_tok)
-                    loss_sum += float(loss.detach())
-                    samples, truncated = samples + b["size"], truncated + b["truncated"]
+                        loss = micro_step(engine.model, micro[i], device, precision, dist_.world_size / n_tok,
+                                          engine.backward)
+                    loss_sum += float(loss)
+                    samples, truncated = samples + micro[i]["size"], truncated + micro[i]["truncated"]
                 skipped = sum(b["skipped"] for b in micro)
-                loss_sum, samples, skipped, truncated = dist_.sum([loss_sum, samples, skipped, truncated])
+                seq_tokens = sum(int(micro[i]["attention_mask"].sum()) for i in use)  # through the LLM, images too
+                writing = float(pending is not None and not engine.save_done())
+                loss_sum, samples, skipped, truncated, seq_tokens, writing = dist_.sum(
+                    [loss_sum, samples, skipped, truncated, seq_tokens, writing])
+                if pending is not None and not writing:  # every rank's background write has finished
+                    publish()
                 loss_val = loss_sum / max(n_tok, 1)
                 if not math.isfinite(loss_val):  # before the update: the saved state stays the last finite one
                     raise FloatingPointError(f"loss is {loss_val} at step {state.step + 1}; lower train.lr or use fp32")
@@ -344,7 +405,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
                 rate = (state.samples - samples0) / max(time.time() - t0, 1e-9)
                 if dist_.main:
                     row = {"step": state.step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": n_tok, "samples": int(samples), "elapsed_s": round(time.time() - t0, 3)}
+                           "tokens": n_tok, "seq_tokens": int(seq_tokens), "samples": int(samples), "elapsed_s": round(time.time() - t0, 3)}
                     if report_memory:
                         row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                     with open(run_dir / "log.jsonl", "a") as f:
@@ -357,19 +418,21 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
                 if tc.log_every and state.step % tc.log_every == 0 and not sys.stderr.isatty():
                     log.info("step %d/%d loss %.4f lr %.3e %.1f samples/s", state.step, total, loss_val, lr, rate)
                 end_of_epoch = state.step % steps_per_epoch == 0
-                if state.step >= total or end_of_epoch or (tc.save_every_steps and state.step % tc.save_every_steps == 0):
+                if save_due(state.step, total, steps_per_epoch, tc):
                     save()
-                if end_of_epoch and cfg.eval.mme_root and cfg.eval.every_n_epochs > 0 \
+                if end_of_epoch and evaluate is not None and cfg.eval.every_n_epochs > 0 \
                         and (epoch + 1) % cfg.eval.every_n_epochs == 0:
-                    _evaluate(cfg, engine, tokenizer, template, run_dir, state.step, writer)
+                    flush()  # the hook may read the checkpoint just saved
+                    _evaluate(cfg, engine, tokenizer, template, run_dir, state.step, writer, evaluate)
                 if state.step >= total:
                     break
     except BaseException as exc:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             log.error(oom_hint(cfg))
-        if state.step > last_saved and dist_.world_size == 1:
+        if state.step > last_saved and dist_.world_size == 1 and not isinstance(exc, DiskFullError):
             log.error("training stopped at step %d: saving what was trained before re-raising", state.step)
             save()
+            flush()
         elif state.step > last_saved:  # other ranks may be gone: a collective save could hang
             log.error("training stopped at step %d; the last checkpoint is step %d", state.step, last_saved)
         raise
@@ -377,6 +440,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
         bar.close()
         if writer is not None:
             writer.close()
+    flush()
     if state.skipped or state.truncated:
         log.info("data: %d samples skipped, %d truncated to max_txt_len", state.skipped, state.truncated)
     if dist_.main:
@@ -384,13 +448,14 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist) -> Path:
     return run_dir
 
 
-def _evaluate(cfg: Config, engine: Engine, tokenizer, template, run_dir: Path, step: int, writer) -> None:
-    """MME during training needs whole weights in one process: rank 0 of a plain/DDP run; others wait."""
+def _evaluate(cfg: Config, engine: Engine, tokenizer, template, run_dir: Path, step: int, writer,
+              evaluate: Evaluator) -> None:
+    """Evaluation during training needs whole weights in one process: rank 0 of a plain/DDP run; others wait."""
     if engine.name not in ("plain", "ddp"):
-        log.warning("MME during training is skipped with engine %s: run `minigpt4qwen eval mme` on the checkpoint",
-                    engine.name)
+        log.warning("evaluation during training is skipped with engine %s: run `minigpt4qwen eval mme` on the "
+                    "checkpoint", engine.name)
         return
     if engine.dist.main:
-        evaluate_during_training(cfg, engine.module, tokenizer, template, run_dir, step, writer)
+        evaluate(cfg, engine.module, tokenizer, template, run_dir, step, writer)
     engine.module.train()
     engine.dist.barrier()

@@ -1,0 +1,209 @@
+"""Scaling benchmark of `minigpt4qwen train` itself on 1, 2 and 4 GPUs, for every engine.
+
+    python scripts/gpu_scale.py --out /tmp/scale                        # stage 1, all engines, 1/2/4 GPUs
+    python scripts/gpu_scale.py --gpus 4 --engines zero3,fsdp --set engine.frozen=shard    # one knob
+
+Real-size architecture with random weights (EVA ViT-g + BLIP-2 Q-Former + Qwen-7B dims) and the production settings
+of stage 1: projector only, bf16, cached image features, `train.compile=true`, length-grouped batches, batch 32 per
+GPU. The data is the bench's length mix: text of 64-256 tokens per sample (uniform), the last ~30% of them the
+supervised answer, plus 32 image positions, written as LLaVA JSON next to synthetic images.
+
+Runs that fit side by side share the host: four 1-GPU runs at once on GPUs 0-3, two 2-GPU runs on 0-1 and 2-3,
+so a full table takes about 3 x (one run). Prints one JSON line per (engine, GPUs): steady-state samples/s (last
+half of the steps, from log.jsonl's elapsed_s), efficiency against the same engine on one GPU (rate / (n x rate_1))
+and against DDP at the same size, and the peak memory per GPU; then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = {
+    "ddp": ["engine.name=ddp"],
+    "zero1": ["engine.name=deepspeed", "engine.zero_stage=1"],
+    "zero2": ["engine.name=deepspeed", "engine.zero_stage=2"],
+    "zero3": ["engine.name=deepspeed", "engine.zero_stage=3"],
+    "fsdp": ["engine.name=fsdp"],
+    # frozen weights partitioned too (what ZeRO-3 / FSDP2 did before engine.frozen; for models that do not fit)
+    "zero3-shard": ["engine.name=deepspeed", "engine.zero_stage=3", "engine.frozen=shard"],
+    "fsdp-shard": ["engine.name=fsdp", "engine.frozen=shard"],
+}
+WORDS = ("the a red blue green small large circle square triangle left right above below near picture shows "
+         "one two three object color shape there is in of and with on what where how many").split()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_mix(out: Path, n: int, seq_min: int, seq_max: int, answer_frac: float, seed: int) -> Path:
+    """LLaVA JSON whose rows tokenize (with the `random:` presets' tokenizer) to seq_min..seq_max text tokens."""
+    from minigpt4qwen.data.synthetic import write_dataset
+    from minigpt4qwen.models.llm import make_tiny_tokenizer
+
+    if not (out / "train_seed.json").is_file():
+        write_dataset(out, n_train=min(n, 512), n_heldout=4, seed=seed)
+    images = sorted({r["image"] for r in json.loads((out / "train_seed.json").read_text())})
+    tok = make_tiny_tokenizer()
+    rng = random.Random(seed)
+
+    def text(tokens: int) -> str:
+        words: list[str] = []
+        while (have := len(tok.encode(" ".join(words), add_special_tokens=False))) < tokens:
+            words.extend(rng.choice(WORDS) for _ in range(max(1, (tokens - have) // 4)))
+        return " ".join(words)
+
+    rows = []
+    for i in range(n):
+        total = rng.randint(seq_min, seq_max)
+        answer = max(1, int(total * answer_frac))
+        rows.append({"id": str(i), "image": rng.choice(images), "conversations": [
+            {"from": "human", "value": "<image>\n" + text(total - answer)},
+            {"from": "gpt", "value": text(answer)}]})
+    path = out / "mix.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def config_yaml(out: Path, data: Path, args) -> Path:
+    path = out / "scale.yaml"
+    path.write_text(f"""# python scripts/gpu_scale.py  (generated)
+model: {{vision: eva-vit-g, qformer: blip2-qformer, llm: "random:qwen-7b"}}
+data: {{train: [{{path: "{data}"}}], max_txt_len: {args.seq_max + 32}, random_resized_crop: false, hflip: false,
+       cache_features: true, num_workers: 2}}
+train: {{max_steps: {args.steps}, batch_size: {args.batch_size}, lr: 1.0e-4, warmup_steps: 0, precision: bf16,
+        log_every: 10, save_every_steps: 0, save_every_epochs: 0, compile: {str(args.compile).lower()}}}
+""")
+    return path
+
+
+def launch(name: str, engine: str, gpus: list[int], cfg: Path, out: Path, extra: list[str]) -> subprocess.Popen:
+    run = out / name
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "4", "NCCL_NVLS_ENABLE": "0",
+           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={len(gpus)}", f"--master_port={_port()}",
+           "-m", "minigpt4qwen", "train", "--config", str(cfg), f"train.output_dir={run}", *ENGINES[engine], *extra]
+    log = open(out / f"{name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def measure(run: Path) -> dict:
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()] \
+        if (run / "log.jsonl").is_file() else []
+    half = rows[len(rows) // 2:]
+    rate = tok_rate = None
+    if len(half) > 1:
+        span = half[-1]["elapsed_s"] - half[0]["elapsed_s"]
+        rate = sum(r["samples"] for r in half[1:]) / span
+        tok_rate = sum(r.get("seq_tokens", 0) for r in half[1:]) / span
+    saves = [float(m.group(1)) for m in re.finditer(r"training waited ([\d.]+) s", (run / "train.log").read_text())] \
+        if (run / "train.log").is_file() else []
+    return {"steps": len(rows), "samples_per_s": rate, "tokens_per_s": tok_rate,
+            "peak_mem_gib": max((r.get("mem_gib", 0) for r in rows), default=None),
+            "first_step_s": rows[0]["elapsed_s"] if rows else None,
+            "step_s": [round(b["elapsed_s"] - a["elapsed_s"], 3) for a, b in zip(rows, rows[1:])],
+            "losses": [round(r["loss"], 4) for r in rows[:3] + rows[-2:]], "save_wait_s": saves}
+
+
+def mfu(tokens_per_s_per_gpu: float, recompute: bool, peak_tflops: float) -> dict:
+    """Model FLOPs of full training of the Qwen-7B-dims LLM per token, torchtitan's way: 6 x non-embedding
+    parameters (lm_head counted) + 12 x layers x width x sequence for attention (sequence ~ the mix's mean)."""
+    n_layers, width, vocab, inter, seq = 32, 4096, 151936, 11008, 1024
+    per_layer = 4 * width * width + 3 * width * inter  # q, k, v, o + gate, up, down
+    n = n_layers * per_layer + vocab * width
+    flops = 6 * n + 12 * n_layers * width * seq
+    hw = flops + (2 * n_layers * per_layer if recompute else 0)  # recompute: one more forward of the layers
+    return {"mfu": round(tokens_per_s_per_gpu * flops / (peak_tflops * 1e12), 3),
+            "hfu_with_recompute": round(tokens_per_s_per_gpu * hw / (peak_tflops * 1e12), 3),
+            "flop_per_token": flops, "peak_tflops": peak_tflops}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="/tmp/minigpt4qwen-scale")
+    p.add_argument("--gpus", default="1,2,4", help="process counts to measure")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32, help="per GPU")
+    p.add_argument("--samples", type=int, default=6000, help="rows in the length-mix data file")
+    p.add_argument("--seq-min", type=int, default=64)
+    p.add_argument("--seq-max", type=int, default=256)
+    p.add_argument("--answer-frac", type=float, default=0.3)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--set", action="append", default=[], help="extra dotted override for every run (repeat)")
+    p.add_argument("--mfu", action="store_true", help="add MFU of full-LLM training (stage 2) to each line")
+    p.add_argument("--recompute", action="store_true", help="with --mfu: runs use activation checkpointing")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="with --mfu: H100 SXM dense bf16 datasheet")
+    p.add_argument("--tag", default="", help="suffix for run names and JSON lines (e.g. the knob measured)")
+    p.add_argument("--budget-s", type=float, default=560, help="no new wave starts after this many seconds")
+    args = p.parse_args()
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = write_mix(out / "data", args.samples, args.seq_min, args.seq_max, args.answer_frac, seed=0)
+    cfg = config_yaml(out, data, args)
+    t0 = time.time()  # the budget counts training runs, not writing the data
+    n_dev = torch.cuda.device_count()
+    engines = [e for e in args.engines.split(",") if e]
+    results: dict[tuple[str, int], dict] = {}
+    for n in [int(x) for x in args.gpus.split(",")]:
+        if n > n_dev:
+            print(json.dumps({"skipped": f"{n} GPUs", "reason": f"{n_dev} visible"}), flush=True)
+            continue
+        jobs = [(e, n) for e in engines if n > 1 or not e.endswith("-shard")]  # nothing to shard over on one GPU
+        per_wave = max(n_dev // n, 1)
+        for w in range(0, len(jobs), per_wave):
+            if time.time() - t0 > args.budget_s:
+                print(json.dumps({"skipped": [f"{e}x{k}" for e, k in jobs[w:]], "reason": "budget"}), flush=True)
+                break
+            wave = jobs[w:w + per_wave]
+            procs = []
+            for slot, (e, k) in enumerate(wave):
+                name = f"{e}-{k}gpu{args.tag}"
+                procs.append((e, k, name, launch(name, e, list(range(slot * k, slot * k + k)), cfg, out, args.set)))
+            for e, k, name, proc in procs:
+                rc = proc.wait()
+                rec = {"engine": e, "gpus": k, "tag": args.tag, "rc": rc, **measure(out / name),
+                       "overrides": args.set, "compile": args.compile, "batch_per_gpu": args.batch_size,
+                       "device": torch.cuda.get_device_name(0) if n_dev else "cpu",
+                       "date": time.strftime("%Y-%m-%d")}
+                if rc:
+                    rec["log_tail"] = (out / f"{name}.log").read_text()[-1500:]
+                results[(e, k)] = rec
+                print(json.dumps({"partial": True, **rec}), flush=True)
+    print("# summary", flush=True)
+    for (e, k), rec in results.items():
+        one, ddp = results.get((e.removesuffix("-shard"), 1), {}), results.get(("ddp", k), {})
+        r = rec["samples_per_s"]
+        if args.mfu and rec.get("tokens_per_s"):
+            rec.update(mfu(rec["tokens_per_s"] / k, args.recompute, args.peak_tflops))
+            rec["tokens_per_s_per_gpu"] = round(rec["tokens_per_s"] / k)
+        if r and one.get("samples_per_s"):
+            rec["efficiency_vs_1gpu"] = round(r / (k * one["samples_per_s"]), 3)
+        if r and ddp.get("samples_per_s"):
+            rec["vs_ddp"] = round(r / ddp["samples_per_s"], 3)
+        print(json.dumps(rec), flush=True)
+    print(f"\n{'engine':<11} {'GPUs':>4} {'samples/s':>10} {'eff vs 1':>9} {'vs DDP':>7} {'GiB/GPU':>8}")
+    for (e, k), rec in results.items():
+        sps = rec["samples_per_s"]
+        print(f"{e:<11} {k:>4} {sps or float('nan'):>10.1f} {rec.get('efficiency_vs_1gpu', float('nan')):>9.3f} "
+              f"{rec.get('vs_ddp', float('nan')):>7.3f} {rec['peak_mem_gib'] or float('nan'):>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
