@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config
 from .models.convert import blip2_configs_from_state
-from .models.minigpt4qwen import CheckpointMismatchError, MiniGPT4Qwen, apply_trainable, read_weights
+from .models.minigpt4qwen import CheckpointMismatchError, MiniGPT4Qwen, build_model, read_weights
 
 __all__ = [
     "add_convert_args",
@@ -224,39 +224,11 @@ def _export(args) -> int:
 # --------------------------------------------------------------------------------------------- info
 
 
-def _meta_llm(cfg: ModelConfig):
-    """The LLM's architecture without its weights: ``random:`` presets directly, directories from config.json."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models.llm import _is_qwen1_dir, load_llm, smollm2_dir
-
-    if cfg.llm.startswith("random:"):
-        return load_llm(cfg.llm, torch.float32, "meta", tokenizer_path=cfg.tokenizer)[0]
-    path = smollm2_dir() if cfg.llm == "smollm2" else Path(cfg.llm)
-    if not path.exists():
-        raise FileNotFoundError(f"LLM path {path} not found; set model.llm to an HF directory, smollm2 or "
-                                "random:<preset>")
-    if _is_qwen1_dir(path):
-        from .models.convert import qwen1_config_to_qwen2
-
-        config = qwen1_config_to_qwen2(json.loads((path / "config.json").read_text()))
-    else:
-        config = AutoConfig.from_pretrained(path, **({"gguf_file": cfg.llm_gguf_file} if cfg.llm_gguf_file else {}))
-    return AutoModelForCausalLM.from_config(config)
-
-
 def meta_model(cfg: ModelConfig) -> tuple[MiniGPT4Qwen, dict[str, tuple[int, int]]]:
     """The composite model on the meta device (shapes only, no memory, no checkpoint read) and its
     ``{part: (trainable, total)}`` counts under the config's trainable flags, LoRA included."""
-    from .models.qformer import build_qformer
-    from .models.vision import build_vision
-
-    with torch.device("meta"):
-        vision = build_vision(cfg.vision)
-        qformer, query_tokens = build_qformer(cfg.qformer, vision.config.hidden_size, cfg.num_query_tokens)
-        model = MiniGPT4Qwen(vision, qformer, query_tokens, _meta_llm(cfg), image_token_id=0)
-        counts = apply_trainable(model, cfg)
-    return model, counts
+    built = build_model(cfg, "meta")
+    return built.model, built.counts
 
 
 def format_counts(counts: dict[str, tuple[int, int]]) -> str:

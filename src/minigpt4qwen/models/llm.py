@@ -169,3 +169,21 @@ def load_llm(source: str, dtype: torch.dtype, device: str | torch.device = "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, **({"gguf_file": gguf_file} if gguf_file else {}))
     return model, tokenizer
+
+
+def meta_llm(source: str, gguf_file: str | None = None, tokenizer_path: str | None = None):
+    """The LLM's architecture on the meta device, no weights read: `random:` presets directly, directories (HF,
+    GGUF, Qwen-1) from their config."""
+    if source.startswith("random:"):
+        return load_llm(source, torch.float32, "meta", tokenizer_path=tokenizer_path)[0]
+    path = smollm2_dir() if source == "smollm2" else Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"LLM path {path} not found; set model.llm to an HF directory, smollm2 or random:<preset>")
+    if _is_qwen1_dir(path):
+        from .convert import qwen1_config_to_qwen2
+
+        config = qwen1_config_to_qwen2(json.loads((path / "config.json").read_text()))
+    else:
+        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.conversation import IGNORE_INDEX
-from .llm import load_llm, resolve_image_token
+from .llm import load_llm, meta_llm, resolve_image_token
 from .projector import build_projector
 from .qformer import build_qformer
 from .vision import build_vision
@@ -278,8 +278,18 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Built:
-    """Construct vision + Q-Former + projector + LLM on `device`, load pretrained parts, decide what trains."""
+    """Construct vision + Q-Former + projector + LLM on `device`, load pretrained parts, decide what trains.
+
+    On the meta device: shapes only, nothing allocated or read (no tokenizer: `Built.tokenizer` is None), for
+    parameter counts and checks of files against the architecture (`info`, `convert`)."""
     device = torch.device(device)
+    if device.type == "meta":
+        with torch.device("meta"):
+            vision = build_vision(cfg.vision)
+            qformer, query_tokens = build_qformer(cfg.qformer, vision.config.hidden_size, cfg.num_query_tokens)
+            model = MiniGPT4Qwen(vision, qformer, query_tokens, meta_llm(cfg.llm, cfg.llm_gguf_file, cfg.tokenizer),
+                                 image_token_id=0)
+            return Built(model, None, apply_trainable(model, cfg))
     frozen_dtype = resolve_dtype(cfg.frozen_dtype, device)
     vision = build_vision(cfg.vision)
     qformer, query_tokens = build_qformer(cfg.qformer, vision.config.hidden_size, cfg.num_query_tokens)
