@@ -14,11 +14,13 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from serving import load_test, running_server
 
-from minigpt4qwen.data.conversation import Turn
-from minigpt4qwen.serve.api import ImageLimits, ServeOptions, build_app, load_test, running_server
-from minigpt4qwen.serve.cli import first_turn
+from minigpt4qwen.data.conversation import IMAGE_PROMPT, Turn
+from minigpt4qwen.data.images import ImageLimits
+from minigpt4qwen.serve.api import ServeOptions, build_app
 from minigpt4qwen.serve.generate import Assistant, GenerationSettings
+from minigpt4qwen.serve.session import first_turn, turn_content
 
 openai = pytest.importorskip("openai")
 
@@ -64,6 +66,11 @@ def messages(image_url: str, question: str = QUESTION) -> list[dict]:
 def direct(assistant: Assistant, image_path: Path, settings: GenerationSettings) -> str:
     """What the shared generation path answers for the same prompt as `minigpt4qwen chat`."""
     return assistant.generate([[Turn("user", first_turn(QUESTION, 1))]], [[str(image_path)]], settings)[0]
+
+
+def test_image_then_question_is_the_chat_prompt():
+    assert turn_content([IMAGE_PROMPT, QUESTION]) == first_turn(QUESTION, 1)
+    assert turn_content([IMAGE_PROMPT, "", IMAGE_PROMPT, QUESTION]) == first_turn(QUESTION, 2)
 
 
 def sampled(seed: int) -> GenerationSettings:

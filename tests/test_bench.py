@@ -1,20 +1,26 @@
-"""`minigpt4qwen bench` on tiny presets (CPU): every section runs and reports, the fast path computes the seed's
-objective, and the fast decoder reproduces HF greedy generation. No timing is asserted."""
+"""`minigpt4qwen bench` on tiny presets (CPU): every section runs and reports, the package's variants time `train`'s
+own micro_step, the fast path computes the seed's objective, and the fast decoder reproduces HF greedy generation.
+No timing is asserted."""
 
 from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from minigpt4qwen import bench
+from minigpt4qwen.bench import cli as bench_cli
+from minigpt4qwen.bench.common import collate_samples, make_samples, random_images
+from minigpt4qwen.bench.train import seed_micro_step
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.data.collate import right_padded
 from minigpt4qwen.models.minigpt4qwen import build_model
 from minigpt4qwen.serve.fastdecode import FastDecoder
+from minigpt4qwen.train import step as train_step
 
 TINY = ["--device", "cpu", "--seq-min", "16", "--seq-max", "48", "--batch-size", "2", "--steps", "2", "--warmup", "1",
         "--gen-tokens", "4", "--eval-questions", "6", "--eval-batch", "4"]
@@ -54,14 +60,14 @@ def test_bench_all_reports_every_variant(tmp_path):
 
 
 def test_failing_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
-    real = bench.train_variant
+    real = bench_cli.train_variant
 
     def flaky(b, name):
         if name == "fast":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(b, name)
 
-    monkeypatch.setattr(bench, "train_variant", flaky)
+    monkeypatch.setattr(bench_cli, "train_variant", flaky)
     out = tmp_path / "bench.jsonl"
     assert bench.main(["train", *TINY, "--variants", "fast,fast-cached", "--out", str(out)]) == 1
     recs = _records(out)
@@ -69,25 +75,61 @@ def test_failing_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     assert recs["fast-cached"]["samples_per_s"] > 0
 
 
+def test_bench_trains_with_train_s_micro_step(tmp_path, monkeypatch):
+    """Every micro-batch of a package-path variant goes through train.step.micro_step with scale 1 / its supervised
+    tokens; the seed-style variant (its own forward, on purpose) does not call it."""
+    calls: list[tuple[int, float]] = []
+    real = train_step.micro_step
+
+    def counting(model, batch, device, precision, scale, backward):
+        calls.append((batch["size"], scale * train_step.supervised_tokens(batch)))
+        return real(model, batch, device, precision, scale, backward)
+
+    monkeypatch.setattr(train_step, "micro_step", counting)
+    out = tmp_path / "bench.jsonl"
+    args = ["train", *TINY, "--variants", "seed-style,fast-cached-b3", "--steps", "3", "--warmup", "2"]
+    assert bench.main([*args, "--out", str(out)]) == 0
+    recs = _records(out)
+    assert set(recs) == {"setup", "objective-check", "seed-style", "fast-cached-b3"}
+    # objective-check: one no-grad call (batch 2); fast-cached-b3: 2 warm-up + 3 timed micro-batches of 3 samples
+    assert [size for size, _ in calls] == [2] + [3] * (2 + 3)
+    assert all(s == pytest.approx(1.0) for _, s in calls)
+    assert recs["objective-check"]["abs_diff"] < 1e-4
+
+
 def test_fast_path_computes_the_seed_objective():
-    """Same samples: seed-style (padded to the maximum with a padding mask, HF full-vocab loss) and fast (padded to the
-    batch, no padding mask as the rows are right-padded, answer-only chunked CE) give the same loss and gradient."""
+    """Same samples: seed-style (padded to the maximum with a padding mask, HF full-vocab loss) and train's micro_step
+    (padded to the batch, no padding mask as the rows are right-padded, answer-only chunked CE) give the same loss
+    and gradient."""
     model = build_model(ModelConfig(vision="tiny", qformer="tiny", llm="random:tiny-qwen2"), "cpu").model
     model.loss_chunk = 7  # several chunks
-    samples = bench.make_samples(3, 0, model.llm.config.vocab_size, model.image_token_id, model.num_query_tokens,
-                                 16, 48, 0.3)
-    images = bench.random_images(3, 32, torch.float32, torch.device("cpu"), 0)
+    samples = make_samples(3, 0, model.llm.config.vocab_size, model.image_token_id, model.num_query_tokens, 16, 48, 0.3)
+    images = random_images(3, 32, torch.float32, torch.device("cpu"), 0)
+    cpu = torch.device("cpu")
     results = []
-    for pad_to, hf_loss in ((48 + model.num_query_tokens, True), (None, False)):
-        batch = {**bench.pad_batch(samples, 0, pad_to), "pixel_values": images}
+    for pad_to, step in ((48 + model.num_query_tokens, partial(seed_micro_step, hf_loss=True)),
+                         (None, train_step.micro_step)):
+        batch = collate_samples(samples, 0, images, length=pad_to)
         assert right_padded(batch["attention_mask"]) and not bool(batch["attention_mask"].all())
+        n = train_step.supervised_tokens(batch)
         model.zero_grad()
-        loss = bench.batch_loss(model, batch, hf_loss)
-        loss.backward()
-        results.append((float(loss.detach()), model.llm_proj.weight.grad.clone()))
+        loss = step(model, batch, cpu, "fp32", 1 / n, lambda loss: loss.backward())
+        results.append((float(loss) / n, model.llm_proj.weight.grad.clone()))
     (seed_loss, seed_grad), (fast_loss, fast_grad) = results
     assert fast_loss == pytest.approx(seed_loss, abs=1e-4)
     torch.testing.assert_close(fast_grad, seed_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_collate_adapter_pads_to_a_length_and_to_the_left():
+    samples = make_samples(3, 1, 100, 99, 4, 5, 12, 0.5)
+    right = collate_samples(samples, 0, length=30)
+    left = collate_samples(samples, 0, left=True)
+    assert right["input_ids"].shape == (3, 30) and right_padded(right["attention_mask"])
+    for i, s in enumerate(samples):
+        assert torch.equal(right["input_ids"][i, : s.tokens], s.ids)
+        assert torch.equal(left["input_ids"][i, -s.tokens :], s.ids)
+        assert torch.equal(left["labels"][i, -s.tokens :], s.labels)
+        assert int(left["attention_mask"][i, -s.tokens :].sum()) == s.tokens == int(left["attention_mask"][i].sum())
 
 
 def _sharpen(llm: torch.nn.Module) -> torch.nn.Module:

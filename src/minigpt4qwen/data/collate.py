@@ -12,19 +12,29 @@ def right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
 
 
-def collate(items: list[dict | None], pad_id: int) -> dict:
-    """Skipped (None) items are dropped and counted in `skipped`."""
+def pad(rows: list, value: int, length: int | None = None, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one padding routine (training batches, the bench, batched generation): token rows -> an (N, L) long
+    tensor filled with `value` where a row has no token, and its 0/1 attention mask. L is the longest row, or
+    `length` if larger (fixed shapes); `left` puts the padding before the tokens (generation)."""
+    width = max([length or 0, *(len(r) for r in rows)])
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        out[i, cols] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return out, mask
+
+
+def collate(items: list[dict | None], pad_id: int, length: int | None = None, left: bool = False) -> dict:
+    """Skipped (None) items are dropped and counted in `skipped`. Padding: see `pad` (training uses the default,
+    right padding to the batch's longest row)."""
     kept = [x for x in items if x is not None]
     batch: dict = {"skipped": len(items) - len(kept), "size": len(kept)}
     if not kept:
         return batch
-    length = max(len(x["input_ids"]) for x in kept)
-    ids = torch.full((len(kept), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(kept), length), dtype=torch.long)
-    for i, x in enumerate(kept):
-        n = len(x["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["labels"], 1
+    ids, mask = pad([x["input_ids"] for x in kept], pad_id, length, left)
+    labels, _ = pad([x["labels"] for x in kept], IGNORE_INDEX, length, left)
     pixels = [x["pixel_values"] for x in kept if x["pixel_values"] is not None]
     feats = [x["features"] for x in kept if x.get("features") is not None]
     batch.update(

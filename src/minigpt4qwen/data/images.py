@@ -3,11 +3,19 @@
 train: RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic) + horizontal flip, as LAVIS'
 `blip2_image_train`; eval: resize to size x size, bicubic. Both then scale to [0, 1] and normalise with CLIP's
 mean/std. Randomness comes from an explicit torch.Generator so that a resumed run draws the same crops.
+
+Untrusted images (web UI uploads, API data: URLs) pass `ImageLimits` before they are decoded: bytes on the wire or in
+the declared base64 length, format, pixels read from the header (decompression bombs), and images per request.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +24,22 @@ from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGES = 8
+_DATA_URL = re.compile(r"data:image/(png|jpe?g);base64,(.*)", re.DOTALL | re.IGNORECASE)
 
 
 class ImageError(ValueError):
-    """An image file that is missing or cannot be decoded."""
+    """An image that is missing, cannot be decoded or breaks a limit (the user's to fix, reported in one line)."""
+
+
+class ImageTooLarge(ImageError):
+    """Over the byte or pixel limit (a 4xx the client can fix by resizing)."""
+
+
+class TooManyImages(ImageError):
+    """More images than one request may carry."""
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -32,6 +52,55 @@ def load_image(path: str | Path) -> Image.Image:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"image {path} cannot be decoded ({exc}); replace or remove the file") from None
+
+
+@dataclass
+class ImageLimits:
+    """What an uploaded image may cost: bytes on the wire and pixels after decoding (decompression bombs)."""
+
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+    formats: tuple[str, ...] = ("PNG", "JPEG")
+    max_count: int = MAX_IMAGES
+    """Images one API request may carry (the web UI checks each upload, not their number)."""
+
+    def check_count(self, n: int) -> None:
+        if n > self.max_count:
+            raise TooManyImages(f"{n} images; at most {self.max_count}")
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode untrusted image bytes after checking size, format and pixel count (read from the header first)."""
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format not in limits.formats:
+            raise ImageError(f"image format {img.format} not accepted; use {' or '.join(limits.formats)}")
+        if img.width * img.height > limits.max_pixels:
+            raise ImageTooLarge(f"image is {img.width}x{img.height} pixels; the limit is {limits.max_pixels} pixels")
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"image cannot be decoded ({exc})") from None
+
+
+def data_url_bytes(url: str, limits: ImageLimits) -> bytes | None:
+    """The bytes of a `data:image/png|jpeg;base64,...` URL, its declared size checked before decoding; None when
+    `url` is no data: URL at all (a remote one, for the caller to fetch or refuse)."""
+    match = _DATA_URL.fullmatch(url.strip())
+    if match:
+        if len(match.group(2)) > limits.max_bytes * 4 // 3 + 4:
+            raise ImageTooLarge(f"image is larger than the limit of {limits.max_bytes} bytes")
+        try:
+            return base64.b64decode(match.group(2), validate=True)
+        except binascii.Error as exc:
+            raise ImageError(str(exc)) from None
+    if url.startswith("data:"):
+        raise ImageError("data URLs must be data:image/png;base64,... or data:image/jpeg;base64,...")
+    return None
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:

@@ -20,19 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import contextlib
-import io
 import logging
-import re
 import secrets
-import socket
-import statistics
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -40,55 +33,20 @@ from urllib.parse import urlsplit
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from ..data.conversation import IMAGE_PROMPT, OverlongError, Turn
-from ..data.images import ImageError
-from .args import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from ..data.images import ImageError, ImageLimits, ImageTooLarge, TooManyImages, data_url_bytes, open_image
 from .args import add_serve_args as add_serve_args  # re-exported: the command's options live in args.py
 from .batcher import Batcher, Delta, Failure, Finish, Job
 from .generate import Assistant, GenerationSettings
+from .session import ConversationError, check_conversation, turn_content
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
-_DATA_URL = re.compile(r"data:image/(png|jpe?g);base64,(.*)", re.S | re.I)
-
-
-# ---------------------------------------------------------------------- images (shared with the web UI)
-
-
-@dataclass
-class ImageLimits:
-    """What an uploaded image may cost: bytes on the wire and pixels after decoding (decompression bombs)."""
-
-    max_bytes: int = MAX_IMAGE_BYTES
-    max_pixels: int = MAX_IMAGE_PIXELS
-    formats: tuple[str, ...] = ("PNG", "JPEG")
-
-
-class ImageTooLarge(ImageError):
-    """Over the byte or pixel limit (a 4xx the client can fix by resizing)."""
-
-
-def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode untrusted image bytes after checking size, format and pixel count (read from the header first)."""
-    if len(data) > limits.max_bytes:
-        raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.format not in limits.formats:
-            raise ImageError(f"image format {img.format} not accepted; use {' or '.join(limits.formats)}")
-        if img.width * img.height > limits.max_pixels:
-            raise ImageTooLarge(f"image is {img.width}x{img.height} pixels; the limit is {limits.max_pixels} pixels")
-        img.load()
-        return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, ImageError):
-            raise
-        raise ImageError(f"image cannot be decoded ({exc})") from None
 
 
 # ---------------------------------------------------------------------- errors and request schema
@@ -178,7 +136,6 @@ class ServeOptions:
     batch_window_s: float = 0.01
     max_tokens_limit: int = 2048
     max_n: int = 8
-    max_images: int = 8
 
 
 class ChatService:
@@ -191,19 +148,13 @@ class ChatService:
         self.context = int(getattr(assistant.model.llm.config, "max_position_embeddings", 0) or 1 << 30)
 
     async def image(self, url: str) -> Image.Image:
-        match = _DATA_URL.fullmatch(url.strip())
         limits = self.options.limits
         try:
-            if match:
-                if len(match.group(2)) > limits.max_bytes * 4 // 3 + 4:
-                    raise ImageTooLarge(f"image is larger than the limit of {limits.max_bytes} bytes")
-                data = base64.b64decode(match.group(2), validate=True)
-            elif url.startswith("data:"):
-                raise ImageError("data URLs must be data:image/png;base64,... or data:image/jpeg;base64,...")
-            else:
+            data = data_url_bytes(url, limits)
+            if data is None:
                 data = await self._fetch(url)
             return await asyncio.to_thread(open_image, data, limits)
-        except (binascii.Error, ValueError) as exc:
+        except ValueError as exc:
             code = "image_too_large" if isinstance(exc, ImageTooLarge) else "invalid_image"
             raise ApiError(400, f"invalid image: {exc}", code=code, param="messages") from None
 
@@ -232,24 +183,24 @@ class ChatService:
     async def conversation(self, messages: list[Message]) -> tuple[list[Turn], list[Image.Image]]:
         turns: list[Turn] = []
         images: list[Image.Image] = []
-        for m in messages:
-            if m.role in ("system", "developer"):
-                continue  # the template's (trained) system prompt is used
-            parts = [ContentPart(type="text", text=m.content)] if isinstance(m.content, str) else (m.content or [])
-            pieces = []
-            for part in parts:
-                if part.type == "text":
-                    pieces.append(part.text or "")
-                elif m.role != "user" or part.image_url is None:
-                    raise ApiError(400, "image_url parts belong in user messages", param="messages")
-                else:
-                    images.append(await self.image(part.image_url.url))
-                    pieces.append(IMAGE_PROMPT)
-            turns.append(Turn(m.role, " ".join(p for p in pieces if p)))
-        if not turns or turns[-1].role != "user":
-            raise ApiError(400, "the last message must come from the user", param="messages")
-        if len(images) > self.options.max_images:
-            raise ApiError(400, f"{len(images)} images; at most {self.options.max_images}", param="messages")
+        try:
+            for m in messages:
+                if m.role in ("system", "developer"):
+                    continue  # the template's (trained) system prompt is used
+                parts = [ContentPart(type="text", text=m.content)] if isinstance(m.content, str) else (m.content or [])
+                pieces = []
+                for part in parts:
+                    if part.type == "text":
+                        pieces.append(part.text or "")
+                    elif m.role != "user" or part.image_url is None:
+                        raise ConversationError("image_url parts belong in user messages")
+                    else:
+                        images.append(await self.image(part.image_url.url))  # raises ApiError (with its code)
+                        pieces.append(IMAGE_PROMPT)
+                turns.append(Turn(m.role, turn_content(pieces)))
+            check_conversation(turns, len(images), self.options.limits)
+        except (ConversationError, TooManyImages) as exc:
+            raise ApiError(400, str(exc), param="messages") from None
         return turns, images
 
     async def job(self, req: ChatRequest, on_event) -> Job:
@@ -335,7 +286,7 @@ def build_app(assistant: Assistant, options: ServeOptions | None = None) -> Fast
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(request: Request):
         body = bytearray()
-        limit = options.limits.max_bytes * options.max_images * 4 // 3 + (1 << 20)
+        limit = options.limits.max_bytes * options.limits.max_count * 4 // 3 + (1 << 20)
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
@@ -415,77 +366,6 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool)
 
 
 # ---------------------------------------------------------------------- running
-
-
-@contextlib.contextmanager
-def running_server(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a background thread (port 0: a free one); yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the API server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
-def load_test(base_url: str, clients: int = 32, requests: int = 64, max_tokens: int = 8,
-              model: str = "minigpt4qwen", api_key: str | None = None, image_url: str | None = None) -> dict:
-    """`clients` concurrent streaming clients send `requests` requests in all; prints and returns the latencies."""
-    import httpx
-    import openai
-
-    content: list[dict] = [{"type": "text", "text": "What is in the image?"}]
-    if image_url:
-        content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
-    latencies: list[float] = []
-    failures: list[str] = []
-
-    async def run() -> float:
-        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=clients), timeout=300)
-        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key or "none", max_retries=0,
-                                    http_client=http)
-        todo = iter(range(requests))
-
-        async def worker() -> None:
-            for _ in todo:
-                t0 = time.perf_counter()
-                try:
-                    stream = await client.chat.completions.create(
-                        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
-                        temperature=0, stream=True)
-                    reasons = [c.choices[0].finish_reason async for c in stream if c.choices]
-                    if not reasons or reasons[-1] not in ("stop", "length"):
-                        raise RuntimeError(f"stream ended without a finish reason: {reasons[-3:]}")
-                    latencies.append(time.perf_counter() - t0)
-                except Exception as exc:  # counted, the load test goes on
-                    failures.append(repr(exc))
-
-        t0 = time.perf_counter()
-        async with http:
-            await asyncio.gather(*(worker() for _ in range(clients)))
-        return time.perf_counter() - t0
-
-    wall = asyncio.run(run())
-    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-    stats = {"requests": requests, "clients": clients, "ok": len(latencies), "failed": len(failures),
-             "p50_s": round(q[49], 3) if q else None, "p95_s": round(q[94], 3) if q else None,
-             "wall_s": round(wall, 3), "requests_per_s": round(len(latencies) / wall, 2), "errors": failures[:3]}
-    print(f"load test: {clients} streaming clients, {requests} requests, {len(latencies)} ok, {len(failures)} failed; "
-          f"latency p50 {stats['p50_s']} s, p95 {stats['p95_s']} s; {stats['requests_per_s']} requests/s")
-    return stats
 
 
 def run_api(args: argparse.Namespace) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-MAX_IMAGE_BYTES = 10 * 1024 * 1024
-MAX_IMAGE_PIXELS = 4096 * 4096
+from ..data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 
 def add_compile_decode_arg(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,8 @@
 
     minigpt4qwen chat --checkpoint RUN_DIR --image cat.jpg
     minigpt4qwen chat --checkpoint RUN_DIR --image cat.jpg --query "What is in the image?"   # one-shot
+
+The conversation (prompt, history, images, settings) is `session.ChatSession`, as in the web UI.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ..data.conversation import IMAGE_PROMPT, Turn
 from ..data.images import ImageError, load_image
 from .generate import Assistant, GenerationSettings
+from .session import ChatSession
 
 HELP = """commands:
   :help        show this help
@@ -39,37 +41,6 @@ def settings_from_args(args) -> GenerationSettings:
         top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-
-
-def first_turn(query: str, n_images: int) -> str:
-    """The seed's prompt: the image prompt(s) first, then the question."""
-    return " ".join([IMAGE_PROMPT] * n_images + [query]) if n_images else query
-
-
-class ChatSession:
-    """History + images of one conversation; `ask` streams the answer and records it."""
-
-    def __init__(self, assistant: Assistant, images: list[str], settings: GenerationSettings) -> None:
-        self.assistant = assistant
-        self.settings = settings
-        self.images = images
-        self.history: list[Turn] = []
-
-    def turns_for(self, query: str) -> list[Turn]:
-        content = first_turn(query, len(self.images)) if not self.history else query
-        return [*self.history, Turn("user", content)]
-
-    def ask(self, query: str):
-        turns = self.turns_for(query)
-        answer = ""
-        if self.settings.num_beams > 1:  # beam search has no token stream
-            answer = self.assistant.generate([turns], [self.images], self.settings)[0]
-            yield answer
-        else:
-            for piece in self.assistant.stream(turns, self.images, self.settings):
-                answer += piece
-                yield piece
-        self.history = [*turns, Turn("assistant", answer.strip())]
 
 
 def run_chat(args) -> int:

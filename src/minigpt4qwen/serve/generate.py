@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
+from ..data.collate import pad
 from ..data.conversation import ChatTemplate, Turn
 from ..data.images import ImageProcessor, load_image
 from ..models.minigpt4qwen import MiniGPT4Qwen
@@ -89,16 +90,11 @@ class Assistant:
             ids.append(enc.input_ids)
             pixels += self._pixels([imgs[i] for i in enc.kept_images])
         dev = self.model.device
-        length = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(ids), length), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros((len(ids), length), dtype=torch.long, device=dev)
-        for i, x in enumerate(ids):
-            input_ids[i, length - len(x):] = torch.tensor(x, device=dev)
-            mask[i, length - len(x):] = 1
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids, mask = pad(ids, pad_id, left=True)
         pv = torch.stack(pixels).to(dev) if pixels else None
-        embeds = self.model.inputs_embeds(input_ids, pv)
-        return embeds, mask
+        embeds = self.model.inputs_embeds(input_ids.to(dev), pv)
+        return embeds, mask.to(dev)
 
     def _generate_kwargs(self, conversations, images, settings: GenerationSettings) -> dict:
         embeds, mask = self.prepare(conversations, images)

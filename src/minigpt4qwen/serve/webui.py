@@ -2,9 +2,10 @@
 
     minigpt4qwen webui --checkpoint RUN_DIR [--host 127.0.0.1 --port 7860]
 
-The chat logic is the terminal chat's (`ChatSession`: the seed's image prompt placement, beam search without a
-token stream), so the CLI, this UI and the API answer alike. Offline by design: no analytics, no share link, fonts
-served locally, binds 127.0.0.1 unless told otherwise; uploads are limited in bytes and decoded pixels.
+The chat logic is `session.ChatSession` (the seed's image prompt placement, beam search without a token stream),
+the terminal chat's too, and the API builds its prompts in the same module, so all three answer alike. Offline by
+design: no analytics, no share link, fonts served locally, binds 127.0.0.1 unless told otherwise; uploads are
+limited in bytes and decoded pixels (`data.images.ImageLimits`, the API's limits).
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..data.conversation import Turn
-from ..data.images import ImageError
-from .api import ImageLimits, open_image
+from ..data.images import ImageError, ImageLimits, open_image
 from .args import add_webui_args as add_webui_args  # re-exported: the command's options live in args.py
-from .cli import ChatSession
 from .generate import Assistant, GenerationSettings
+from .session import ChatSession
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 

@@ -1,0 +1,141 @@
+"""`minigpt4qwen bench` options and the run: build once, then every section's variants, one JSON line each."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from functools import partial
+
+import torch
+
+from ..train.engines import resolve_device
+from .common import Bench
+from .eval import EVAL_VARIANTS, eval_section
+from .generate import GENERATE_VARIANTS, generate_section
+from .train import DEFAULT_TRAIN, objective_check, parse_train_variant, probe_memory, train_variant
+
+PRESETS = {"cuda": ("eva-vit-g", "blip2-qformer", "random:qwen-7b"), "cpu": ("tiny", "tiny", "random:tiny-qwen2")}
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """Options of `minigpt4qwen bench`; defaults marked 'cuda/cpu' differ so that CPU runs take seconds."""
+    p.add_argument("what", nargs="?", default="all", choices=("train", "generate", "eval", "all"))
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--vision", help="vision preset (default eva-vit-g on CUDA, tiny on CPU)")
+    p.add_argument("--qformer", help="Q-Former preset (default blip2-qformer on CUDA, tiny on CPU)")
+    p.add_argument("--llm", help="LLM (default random:qwen-7b on CUDA, random:tiny-qwen2 on CPU)")
+    p.add_argument("--num-query-tokens", type=int, default=32, help="image positions per image")
+    p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--variants", help="comma list; default: all of the chosen section(s)")
+    p.add_argument("--batch-size", type=int,
+                   help="training micro-batch (cuda 32 / cpu 4); a -bN variant suffix overrides it")
+    p.add_argument("--steps", type=int, help="measured training steps (cuda 10 / cpu 2)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed steps first (cuda: one pass over the timed batches, so every shape has met the "
+                        "allocator and cuBLAS before timing / cpu 1)")
+    p.add_argument("--seq-min", type=int, default=64, help="text tokens per sample, lower bound")
+    p.add_argument("--seq-max", type=int, default=256, help="text tokens per sample, upper bound")
+    p.add_argument("--answer-frac", type=float, default=0.3, help="share of text tokens supervised (trailing span)")
+    p.add_argument("--gen-tokens", type=int, help="new tokens of the batch-1 decode test (cuda 128 / cpu 8)")
+    p.add_argument("--gen-prompt", type=int, default=64, help="text tokens of the decode prompt (+ image positions)")
+    p.add_argument("--gen-repeats", type=int, help="timed decode runs (cuda 2 / cpu 1)")
+    p.add_argument("--eval-questions", type=int, help="yes/no questions (cuda 2374 = MME / cpu 24)")
+    p.add_argument("--eval-batch", type=int, help="questions per generate call (cuda 128 / cpu 8)")
+    p.add_argument("--eval-new-tokens", type=int, default=3)
+    p.add_argument("--probe-memory", action="store_true", help="largest micro-batch of `fast`, with/without ckpt")
+    p.add_argument("--probe-max", type=int, help="largest batch the probe tries (cuda 4096 / cpu 16)")
+    p.add_argument("--budget-s", type=float, default=400.0, help="variants not started by then are reported skipped")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 2 steps of each training variant: GPU time by kernel class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also append the JSON lines to this file")
+
+
+def _defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Fill the device-dependent defaults (real size on CUDA, tiny and short on CPU)."""
+    cuda = device.type == "cuda"
+    table = {"batch_size": (32, 4), "steps": (10, 2), "warmup": (-1, 1), "gen_tokens": (128, 8), "gen_repeats": (2, 1),
+             "eval_questions": (2374, 24), "eval_batch": (128, 8), "probe_max": (4096, 16)}
+    filled = {k: v[0 if cuda else 1] for k, v in table.items() if getattr(args, k, None) is None}
+    vision, qformer, llm = PRESETS["cuda" if cuda else "cpu"]
+    filled.update({k: v for k, v in (("vision", vision), ("qformer", qformer), ("llm", llm))
+                   if getattr(args, k, None) is None})
+    args = argparse.Namespace(**{**vars(args), **filled})
+    if args.steps < 1 or args.warmup < -1 or not 0 < args.seq_min <= args.seq_max:
+        raise ValueError("need --steps >= 1, --warmup >= 0 (-1: one pass over the batches) and "
+                         "0 < --seq-min <= --seq-max")
+    return args
+
+
+def compiles(variant: str) -> bool:
+    return "compile" in variant or "autotune" in variant
+
+
+def split_variants(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str], list[str]]:
+    """(train, generate, eval) variants for `what`; unknown names fail before the model is built."""
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    sections = {"train": [], "generate": [], "eval": []}
+    for v in wanted or []:
+        decode = v in GENERATE_VARIANTS or v.startswith("fast-decode")
+        kind = "generate" if decode else "eval" if v in EVAL_VARIANTS else "train"
+        if kind == "train":
+            parse_train_variant(v)
+        sections[kind].append(v)
+    if wanted is None:
+        keep = [v for v in (*DEFAULT_TRAIN, *GENERATE_VARIANTS, *EVAL_VARIANTS)
+                if device.type == "cuda" or not compiles(v)]  # compiling on CPU takes minutes: CUDA only
+        sections = {"train": [v for v in DEFAULT_TRAIN if v in keep],
+                    "generate": [v for v in GENERATE_VARIANTS if v in keep],
+                    "eval": [v for v in EVAL_VARIANTS if v in keep]}
+    chosen = ("train", "generate", "eval") if args.what == "all" else (args.what,)
+    return tuple(sections[k] if k in chosen else [] for k in ("train", "generate", "eval"))  # type: ignore[return-value]
+
+
+def print_table(records: list[dict]) -> None:
+    cols = ("samples_per_s", "tokens_per_s", "step_s", "mfu", "peak_mem_gib")
+    print(f"{'variant':<26}" + "".join(f"{c:>15}" for c in cols) + "  note")
+    for r in records:
+        vals = "".join(f"{r[c]:>15.4g}" if isinstance(r.get(c), float) else f"{'-':>15}" for c in cols)
+        note = r.get("error") or ", ".join(f"{k}={r[k]}" for k in ("batch_size", "max_batch", "match_hf", "abs_diff",
+                                                                   "total_s") if k in r)
+        print(f"{r['variant']:<26}{vals}  {note}")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Build once, then: training variants, decode, evaluation, memory probe, and compiled variants last.
+
+    Compiled variants go last because their compile time is the least predictable: if the run is cut off (or passes
+    --budget-s), the other numbers are already printed.
+    """
+    device = resolve_device(args.device)
+    args = _defaults(args, device)
+    train_vs, gen_vs, eval_vs = split_variants(args, device)
+    bench = Bench(args, device)
+    bench.emit({"variant": "setup", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "llm": args.llm, "vision": args.vision, "qformer": args.qformer,
+                "matmul_peak_tflops": bench.peak / 1e12, "tower_flops_per_image": bench.flops.tower})
+    if train_vs:
+        bench.attempt("objective-check", partial(objective_check, bench))
+    for v in (v for v in train_vs if not parse_train_variant(v).compiled):
+        bench.attempt(v, partial(train_variant, bench, v))
+    if gen_vs:
+        generate_section(bench, gen_vs)
+    if eval_vs:
+        eval_section(bench, eval_vs)
+    if args.probe_memory:
+        for ckpt in (False, True):
+            bench.attempt("memory-fast-ckpt" if ckpt else "memory-fast", partial(probe_memory, bench, ckpt))
+    for v in (v for v in train_vs if parse_train_variant(v).compiled):
+        bench.attempt(v, partial(train_variant, bench, v))
+    print_table(bench.records[1:])
+    return 0 if all("error" not in r for r in bench.records) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m minigpt4qwen.bench ...` without the package CLI (the same options as `minigpt4qwen bench`)."""
+    from . import __doc__ as doc
+
+    p = argparse.ArgumentParser(prog="minigpt4qwen bench", description=(doc or "").split("\n\n")[0])
+    add_bench_args(p)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    return run_bench(p.parse_args(argv))
