@@ -76,10 +76,10 @@ def word_embeddings(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def pretrain_vision(cfg: Config, out: Path, steps: int, seed: int = 0, batch: int = 32,
-                    lr: float = 1e-3) -> tuple[Path, Path]:
+                    lr: float = 1e-3, word_scale: float = 1.0) -> tuple[Path, Path]:
     """Stage 1 on freshly drawn scenes; writes HF-format BLIP-2 weights (vision_model.*, qformer.*, query_tokens) and
     the text-aligned projector (llm_proj.*); returns their paths."""
-    words = word_embeddings(cfg)
+    words = {k: v * word_scale for k, v in word_embeddings(cfg).items()}
     if cfg.model.num_query_tokens < len(ATTRIBUTES):
         raise ValueError(f"the demo aligns one query per attribute: num_query_tokens must be >= {len(ATTRIBUTES)}")
     torch.manual_seed(seed)

@@ -335,9 +335,10 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
         need = checkpoint_bytes(run_dir, n_trainable) if dist_.main else 0
         free = shutil.disk_usage(run_dir).free if dist_.main else 0
         if dist_.sum([float(need > free)])[0]:  # every rank stops together, before anything is written
-            raise DiskFullError(f"not enough disk space for checkpoint step {state.step} in {run_dir}: it needs about "
-                          f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free; free space, lower train.keep_last or "
-                          "save less often (train.save_every_steps / train.save_every_epochs)")
+            raise DiskFullError(
+                f"not enough disk space for checkpoint step {state.step} in {run_dir}: it needs about "
+                f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free; free space, lower train.keep_last or save less "
+                "often (train.save_every_steps / train.save_every_epochs)")
         tmp = begin_checkpoint(run_dir, state.step) if dist_.main else tmp_checkpoint_dir(run_dir, state.step)
         dist_.barrier()
         engine_state = engine.save(tmp)
