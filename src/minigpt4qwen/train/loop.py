@@ -406,7 +406,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
                 rate = (state.samples - samples0) / max(time.time() - t0, 1e-9)
                 if dist_.main:
                     row = {"step": state.step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": n_tok, "seq_tokens": int(seq_tokens), "samples": int(samples), "elapsed_s": round(time.time() - t0, 3)}
+                           "tokens": n_tok, "seq_tokens": int(seq_tokens), "samples": int(samples),
+                           "elapsed_s": round(time.time() - t0, 3)}
                     if report_memory:
                         row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                     with open(run_dir / "log.jsonl", "a") as f:
