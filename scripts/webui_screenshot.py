@@ -43,10 +43,13 @@ def main() -> int:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=exe, args=ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
             page.locator("#images input[type=file]").set_input_files(args.image)
             page.locator("#gallery img").first.wait_for(timeout=30_000)
+            page.wait_for_function(  # decoded, not just in the DOM: the picture must show in the screenshot
+                "() => [...document.querySelectorAll('#gallery img')].some(i => i.complete && i.naturalWidth > 0)",
+                timeout=30_000)
             for n, question in enumerate(args.ask, 1):
                 page.locator("#query textarea").fill(question)
                 page.locator("#send").click()
@@ -54,6 +57,10 @@ def main() -> int:
                     "n => document.querySelectorAll('#chat [data-testid=\"bot\"]').length === n"
                     " && !document.querySelector('#query textarea').disabled", arg=n, timeout=60_000)
             answers = page.locator('#chat [data-testid="bot"]').all_inner_texts()
+            # presentation only: the whole picture (the gallery crops thumbnails to fill) and the whole conversation
+            page.add_style_tag(content="#gallery, #gallery > div { height: 460px !important; max-height: none !important; } "
+                                       "#chat, #chat > div { height: auto !important; max-height: none !important; }")
+            page.wait_for_timeout(500)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
