@@ -18,7 +18,7 @@ FAST_MIN_ACCURACY = 0.6  # TODO measured
 @pytest.mark.slow
 def test_demo_fast_learns_to_answer_about_images(tmp_path):
     out = subprocess.run([sys.executable, "-m", "minigpt4qwen", "demo", "--fast", "--out", str(tmp_path / "demo")],
-                         capture_output=True, text=True, timeout=1200)
+                         check=False, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     run_line, acc_line = lines[-2], lines[-1]
