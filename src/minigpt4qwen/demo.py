@@ -240,6 +240,8 @@ def run_demo(args) -> int:
         times[stage] = time.time() - t_start - sum(times.values())
 
     out, seed, budget = Path(args.out), args.seed, getattr(args, "time_budget", TIME_BUDGET_S)
+    if args.fast:  # the test suite checks that the recipe learns: no wall-clock stop, whatever the machine's speed
+        budget = math.inf
     cfg = load_config(CONFIG)
     if args.fast:
         cfg.train.max_steps = FAST["align_steps"]
