@@ -194,7 +194,8 @@ def time_budget(deadline: float, run_dir: Path):
     The demo's own workaround: the training loop has no time limit of its own. Without SIGALRM (Windows) or off the
     main thread there is no budget.
     """
-    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+    if not math.isfinite(deadline) or not hasattr(signal, "SIGALRM") \
+            or threading.current_thread() is not threading.main_thread():
         yield
         return
     log_file = run_dir / "log.jsonl"
