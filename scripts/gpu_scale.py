@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -96,7 +97,38 @@ def launch(name: str, engine: str, gpus: list[int], cfg: Path, out: Path, extra:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={len(gpus)}", f"--master_port={_port()}",
            "-m", "minigpt4qwen", "train", "--config", str(cfg), f"train.output_dir={run}", *ENGINES[engine], *extra]
     log = open(out / f"{name}.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+STOPPED = -15  # the run was ended by --stop-after-saves (SIGTERM), not by a failure
+
+
+def wait(proc: subprocess.Popen, run: Path, stop_after_saves: int, stop_at_step: int) -> int:
+    """The launcher's exit status; SIGTERM once `stop_after_saves` checkpoints are complete or `stop_at_step` steps
+    are logged (a speed or save-time bench needs no final checkpoint: a 7B full-LLM one is 118 GB and minutes of
+    writing, and two 87 GB checkpoints plus the final one do not fit the 4-GPU host's disk)."""
+    while proc.poll() is None:
+        log, rows = run / "train.log", run / "log.jsonl"
+        saves = log.read_text().count("complete after") if stop_after_saves and log.is_file() else 0
+        steps = rows.read_text().count("\n") if stop_at_step and rows.is_file() else 0
+        if (stop_after_saves and saves >= stop_after_saves) or (stop_at_step and steps >= stop_at_step):
+            os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its workers
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return STOPPED
+        time.sleep(2)
+    return proc.returncode
+
+
+def error_lines(text: str, n: int = 12) -> list[str]:
+    """The first lines that say what failed (torchrun's own summary at the end names no cause)."""
+    lines = text.splitlines()
+    hits = [i for i, line in enumerate(lines) if re.search(r"(Error|error:|Exception|Traceback)", line)
+            and "ChildFailedError" not in line and "elastic" not in line]
+    return [lines[j] for i in hits[:3] for j in range(i, min(i + 4, len(lines)))][:n]
 
 
 def measure(run: Path) -> dict:
@@ -147,6 +179,9 @@ def main() -> int:
     p.add_argument("--recompute", action="store_true", help="with --mfu: runs use activation checkpointing")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="with --mfu: H100 SXM dense bf16 datasheet")
     p.add_argument("--tag", default="", help="suffix for run names and JSON lines (e.g. the knob measured)")
+    p.add_argument("--stop-after-saves", type=int, default=0,
+                   help="end each run once this many checkpoints are complete (save-time benches)")
+    p.add_argument("--no-final-save", action="store_true", help="end each run after its last step is logged")
     p.add_argument("--budget-s", type=float, default=560, help="no new wave starts after this many seconds")
     args = p.parse_args()
     import torch
@@ -176,13 +211,13 @@ def main() -> int:
                 name = f"{e}-{k}gpu{args.tag}"
                 procs.append((e, k, name, launch(name, e, list(range(slot * k, slot * k + k)), cfg, out, args.set)))
             for e, k, name, proc in procs:
-                rc = proc.wait()
+                rc = wait(proc, out / name, args.stop_after_saves, args.steps if args.no_final_save else 0)
                 rec = {"engine": e, "gpus": k, "tag": args.tag, "rc": rc, **measure(out / name),
                        "overrides": args.set, "compile": args.compile, "batch_per_gpu": args.batch_size,
                        "device": torch.cuda.get_device_name(0) if n_dev else "cpu",
                        "date": time.strftime("%Y-%m-%d")}
-                if rc:
-                    rec["log_tail"] = (out / f"{name}.log").read_text()[-1500:]
+                if rc and rc != STOPPED:
+                    rec["errors"] = error_lines((out / f"{name}.log").read_text())
                 results[(e, k)] = rec
                 print(json.dumps({"partial": True, **rec}), flush=True)
     print("# summary", flush=True)

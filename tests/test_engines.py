@@ -24,6 +24,9 @@ from safetensors.torch import load_file
 from test_train import RANDOM_PARTS
 
 from minigpt4qwen.config import Config, load_config, save_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from gpu_faults import children  # noqa: E402 - the drill's own process lookup, shared with these CPU kills
 from minigpt4qwen.runs import WEIGHTS, consolidate, latest_checkpoint, load_weights
 from minigpt4qwen.train.engines import deepspeed_config, merge_lora, oom_hint, param_groups
 from minigpt4qwen.train.loop import train
@@ -77,18 +80,6 @@ def _config(tmp: Path, data: Path, name: str, *extra: str) -> tuple[Path, Path]:
     return tmp / f"{name}.yaml", Path(cfg.train.output_dir)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _kill_mid_run(cfg_file: Path, run: Path, after_steps: int, log: Path) -> int:
     """Start a 2-process run and SIGKILL the launcher and both workers (a node failure) mid-epoch."""
     with open(log, "w") as f:
@@ -96,7 +87,7 @@ def _kill_mid_run(cfg_file: Path, run: Path, after_steps: int, log: Path) -> int
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= after_steps:
-            for pid in [*_children(proc.pid), proc.pid]:  # torchrun starts each worker in its own session
+            for pid in [*children(proc.pid), proc.pid]:  # torchrun starts each worker in its own session
                 os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.01)
