@@ -3,10 +3,11 @@
     minigpt4qwen demo                                   # offline: data -> train -> evaluate -> answer
     minigpt4qwen train --config configs/demo.yaml [key.sub=value ...] [--resume RUN_DIR]
     minigpt4qwen chat --checkpoint RUN_DIR --image img.png [--query "..."]
+    minigpt4qwen predict --checkpoint RUN_DIR --input questions.jsonl --out answers.jsonl   # batched, resumable
     minigpt4qwen webui --checkpoint RUN_DIR             # Gradio UI on 127.0.0.1:7860
     minigpt4qwen serve --checkpoint RUN_DIR             # OpenAI-compatible API on 127.0.0.1:8000
-    minigpt4qwen eval mme --checkpoint RUN_DIR --mme-root DIR
-    minigpt4qwen convert lavis|qwen1|export|seed-projector|to-seed|zero-to-safetensors ...
+    minigpt4qwen eval mme|pope|mmbench|all --checkpoint RUN_DIR ...   # benchmarks, one report
+    minigpt4qwen convert lavis|qwen1|export|to-transformers|seed-projector|to-seed|zero-to-safetensors ...
     minigpt4qwen info --config FILE.yaml                # parameter counts on the meta device
     minigpt4qwen bench all                              # speed of the seed-style vs our path (GPU)
     minigpt4qwen make-data --out DIR                    # the synthetic shapes data set
@@ -23,17 +24,23 @@ log = logging.getLogger("minigpt4qwen")
 
 
 def _train(args) -> int:
+    from pathlib import Path
+
     from .config import load_config
-    from .eval.run import mme_during_training
+    from .eval.training import training_evaluator
+    from .runs import CONFIG, read_run_config
     from .train.loop import train
 
+    # the config is read here too so that the benchmark files of eval.* are checked before training starts
     if args.resume and not args.config:
-        run = train(resume=args.resume, overrides=args.overrides, evaluate=mme_during_training)
+        cfg = read_run_config(args.resume, args.overrides) if (Path(args.resume) / CONFIG).is_file() else None
+        evaluate = training_evaluator(cfg) if cfg is not None else None  # no config: train() names the problem
+        run = train(resume=args.resume, overrides=args.overrides, evaluate=evaluate)
     else:
         if not args.config:
             raise SystemExit("train needs --config FILE.yaml (or --resume RUN_DIR)")
-        run = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite,
-                    evaluate=mme_during_training)
+        cfg = load_config(args.config, args.overrides)
+        run = train(cfg, resume=args.resume, overwrite=args.overwrite, evaluate=training_evaluator(cfg))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {run}")
     return 0
@@ -43,6 +50,12 @@ def _chat(args) -> int:
     from .serve.cli import run_chat
 
     return run_chat(args)
+
+
+def _predict(args) -> int:
+    from .serve.predict import run_predict
+
+    return run_predict(args)
 
 
 def _webui(args) -> int:
@@ -101,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(c)
     c.set_defaults(fn=_chat)
 
+    from .serve.predict import add_predict_args
+
+    pr = sub.add_parser("predict", help="answer a JSONL file of questions about images, batched and resumable")
+    add_predict_args(pr)
+    pr.set_defaults(fn=_predict)
+
     m = sub.add_parser("make-data", help="write the synthetic shapes data set (seed + LLaVA JSON, MME layout)")
     m.add_argument("--out", required=True)
     m.add_argument("--n-train", type=int, default=2000)
@@ -150,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     from .data.conversation import OverlongError
     from .data.formats import BadSampleError
     from .data.images import ImageError
+    from .eval.report import EvalOptionError
     from .models.convert import CheckpointKeyError
     from .models.minigpt4qwen import CheckpointMismatchError
 
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, BadSampleError, ImageError, OverlongError, CheckpointMismatchError, CheckpointKeyError,
-            FileNotFoundError, FileExistsError) as exc:
+            EvalOptionError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

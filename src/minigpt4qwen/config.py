@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 
 FREEZE_CHOICES = ("frozen", "full", "lora")
+POPE_SPLITS = ("random", "popular", "adversarial")
 PATH = {"path": True}
 """Field metadata of every path-valued field: `map_paths` rewrites them (a run stores them relative to itself)."""
 
@@ -251,8 +252,10 @@ class EngineConfig:
     """FSDP2: free gathered weights after forward (ZeRO-3 like); false keeps them until backward (ZeRO-2 like)."""
     async_save: bool = True
     """FSDP2: checkpoints through torch.distributed.checkpoint.async_save: training waits only while this rank's
-    shards are copied to CPU memory, the files are written in the background, and the checkpoint becomes `latest`
-    once every rank has finished (a kill before that leaves the previous one). DeepSpeed always writes in line."""
+    shards are copied to CPU memory (on CUDA into pinned buffers kept for the run: host RAM = this rank's share of
+    a checkpoint; the first save allocates them), the files are written in the background, and the checkpoint
+    becomes `latest` once every rank has finished (a kill before that leaves the previous one). DeepSpeed always
+    writes in line."""
     frozen: str = "auto"
     """What ZeRO and FSDP2 do with frozen weights (frozen vision tower, Q-Former, frozen LLM or LoRA's base):
     replicate = a whole copy on every GPU, outside the sharded set (no gather per micro-batch; costs their bf16
@@ -275,16 +278,42 @@ class EngineConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation during and after training."""
+    """Evaluation during and after training: every benchmark set here is scored each every_n_epochs-th epoch."""
 
     heldout: list[DatasetSpec] = field(default_factory=list)
     """Held-out question files scored by exact match (the demo uses one)."""
     mme_root: str | None = field(default=None, metadata=PATH)
     """MME benchmark root; with every_n_epochs > 0 each saved epoch checkpoint is scored."""
+    pope_root: str | None = field(default=None, metadata=PATH)
+    """Folder of POPE's question files (coco_pope_<split>.json here, in coco/ or output/coco/); needs pope_images."""
+    pope_images: str | None = field(default=None, metadata=PATH)
+    """COCO val2014 image folder the POPE questions name."""
+    pope_splits: list[str] = field(default_factory=lambda: list(POPE_SPLITS))
+    """POPE splits to ask (random, popular, adversarial)."""
+    mmbench_tsv: str | None = field(default=None, metadata=PATH)
+    """MMBench TSV in the official layout (e.g. mmbench_dev_20230712.tsv, images inside as base64)."""
+    mmbench_circular: bool = True
+    """Ask each MMBench question once per rotation of its options; it counts only if every rotation is right."""
     every_n_epochs: int = 0
+    """Score the checkpoint of every N-th epoch (0 = off); TensorBoard gets mme/*, pope/*, mmbench/*."""
     max_new_tokens: int = 16
+    """Answer length limit during training-time evaluation."""
     prompt_suffix: str = "Answer the question using a single word or phrase."
+    """Appended to MME and POPE questions (MMBench uses LLaVA's letter instruction instead)."""
     batch_size: int = 16
+    """Questions per generate call."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_epochs < 0:
+            raise ConfigError(f"every_n_epochs must be >= 0 (0 = off), got {self.every_n_epochs}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("batch_size and max_new_tokens must be >= 1")
+        if bool(self.pope_root) != bool(self.pope_images):
+            raise ConfigError("pope_root and pope_images go together: set both (question files and COCO val2014 "
+                              "images) or neither")
+        bad = [s for s in self.pope_splits if s not in POPE_SPLITS]
+        if bad or not self.pope_splits:
+            raise ConfigError(f"pope_splits takes a non-empty list of {', '.join(POPE_SPLITS)}; got {self.pope_splits}")
 
 
 @dataclass

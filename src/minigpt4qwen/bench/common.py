@@ -150,13 +150,13 @@ class Bench:
         self.args, self.device = args, device
         self.precision = "bf16" if device.type == "cuda" else "fp32"
         self.t0 = time.perf_counter()
-        cfg = ModelConfig(vision=args.vision, qformer=args.qformer, llm=args.llm,
+        cfg = ModelConfig(vision=args.vision, qformer=args.qformer, llm=args.llm, tokenizer=args.tokenizer,
                           num_query_tokens=args.num_query_tokens, attn_implementation=args.attn_implementation)
         torch.manual_seed(args.seed)
         with torch.device(device):  # random init directly on the GPU: seconds instead of minutes on the host
             built = build_model(cfg, device)
         self.model: MiniGPT4Qwen = built.model
-        tok = built.tokenizer
+        self.tokenizer = tok = built.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else self.pad_id
         self.vocab = self.model.llm.config.vocab_size

@@ -117,3 +117,14 @@ def load_annotations(path: str | Path, image_root: str | Path = "", fmt: str = "
                 raise BadSampleError(f"{exc} (or set data.on_bad_sample=skip)") from None
             skipped.append(str(exc))
     return samples, skipped
+
+
+def json_object(line: str) -> dict:
+    """One JSON-lines row as a dict; a ValueError says what is wrong with it (for the caller to prefix with where)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    return row

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data.formats import BadSampleError
 from .pope import _json_lines
-from .report import AnswerFn, ask_all, write_summary
+from .report import AnswerFn, ask_all, one_line_errors, write_summary
 
 LETTERS = ("A", "B", "C", "D")
 ANSWER_HINT = "Answer with the option's letter from the given choices directly."
@@ -193,7 +193,8 @@ def score(questions: Sequence[Question], answers: Mapping[str, Sequence[str]], c
         rounds = rotations(q, circular)
         texts = answers.get(q.index)
         if texts is None or len(texts) != len(rounds):
-            raise ValueError(f"{q.where}: need {len(rounds)} answer(s), got {0 if texts is None else len(texts)}")
+            raise BadSampleError(f"{q.where}: need {len(rounds)} answer(s) (one per rotation of its options), got "
+                                 f"{0 if texts is None else len(texts)}; were the answers made with --no-circular?")
         picks = [extract_choice(text, options) for text, (options, _) in zip(texts, rounds)]
         unparsed += picks.count(None)
         right[q.index] = all(p == truth for p, (_, truth) in zip(picks, rounds))
@@ -273,7 +274,9 @@ def read_answers(path: str | Path, questions: Sequence[Question]) -> dict[str, l
         for key in ("question_id", "round_id", "text"):
             if key not in row:
                 raise BadSampleError(f"{where}: missing field '{key}'")
-        by_round.setdefault(str(row["question_id"]), {})[int(row["round_id"])] = str(row["text"])
+        if not isinstance(row["round_id"], int) or isinstance(row["round_id"], bool) or row["round_id"] < 0:
+            raise BadSampleError(f"{where}: round_id must be an integer >= 0, got {row['round_id']!r}")
+        by_round.setdefault(str(row["question_id"]), {})[row["round_id"]] = str(row["text"])
     return {q.index: [rounds[r] for r in sorted(rounds)] for q in questions if (rounds := by_round.get(q.index))}
 
 
@@ -308,6 +311,7 @@ def score_answer_file(answers: str | Path, tsv: str | Path, circular: bool = Tru
     return score(questions, read_answers(answers, questions), circular)
 
 
+@one_line_errors
 def main(argv: Sequence[str] | None = None) -> None:
     """Rescore an answers.jsonl against its TSV and print the table."""
     parser = argparse.ArgumentParser(prog="python -m minigpt4qwen.eval.mmbench", description=main.__doc__)

@@ -11,14 +11,15 @@ Run through the package CLI (``minigpt4qwen eval ...``), or rescore an existing 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from ..data.formats import BadSampleError
+from . import report
+from .report import AnswerFn, ask_all, one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 DEFAULT_SUFFIX = "Answer the question using a single word or phrase."
 # MME asks exactly two questions per image; acc_plus is defined on that pair.
 QUESTIONS_PER_IMAGE = 2
-
-AnswerFn = Callable[[list[tuple[Path, str]]], list[str]]
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def _truth(value: str, where: str) -> str:
     """MME's ground truths are yes/no in varying capitalisation; anything else means a broken file."""
     label = value.strip().lower()
     if label not in ("yes", "no"):
-        raise ValueError(f"{where}: ground truth must be yes or no, got {value!r}")
+        raise BadSampleError(f"{where}: ground truth must be yes or no, got {value!r}; fix or replace the file")
     return label
 
 
@@ -114,10 +113,10 @@ def _read_question_file(subtask: str, path: Path, image: Path) -> list[Item]:
         # The answer is the last field; splitting from the right keeps any tab inside a question intact.
         parts = line.rstrip().rsplit("\t", 1)
         if len(parts) != 2:
-            raise ValueError(f"{path}:{number}: expected 'question<TAB>yes|no', got {line!r}")
+            raise BadSampleError(f"{path}:{number}: expected 'question<TAB>yes|no', got {line!r}")
         items.append(Item(subtask, image, parts[0], _truth(parts[1], f"{path}:{number}")))
     if len(items) != QUESTIONS_PER_IMAGE:
-        raise ValueError(f"{path}: expected {QUESTIONS_PER_IMAGE} questions, found {len(items)}")
+        raise BadSampleError(f"{path}: expected {QUESTIONS_PER_IMAGE} questions (one per line), found {len(items)}")
     return items
 
 
@@ -255,7 +254,7 @@ def read_answers(path: str | Path) -> list[AnswerRow]:
     for number, line in _content_lines(path):
         fields = line.split("\t")
         if len(fields) != 4:
-            raise ValueError(f"{path}:{number}: expected 4 tab-separated fields, got {len(fields)}: {line!r}")
+            raise BadSampleError(f"{path}:{number}: expected 4 tab-separated fields, got {len(fields)}: {line!r}")
         image, question, truth, prediction = fields
         rows.append(AnswerRow(image, question, _truth(truth, f"{path}:{number}"), prediction))
     return rows
@@ -273,7 +272,10 @@ def score_answer_dir(answer_dir: str | Path) -> dict:
         log.info("MME: ignoring %s (not an MME subtask)", answer_dir / extra)
     if not results:
         raise FileNotFoundError(f"no MME answer file (<subtask>.txt) in {answer_dir}")
-    return summarize(results)
+    try:
+        return summarize(results)
+    except ValueError as err:  # rows that do not pair up: the files are broken, not the code
+        raise BadSampleError(f"{answer_dir}: {err}") from None
 
 
 def format_table(summary: Mapping) -> str:
@@ -312,11 +314,7 @@ def plot_scores(summary: Mapping, path: str | Path) -> None:
 
 def write_summary(out_dir: str | Path, summary: Mapping) -> None:
     """summary.json for machines, summary.md for people, scores.png for a glance."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "summary.md").write_text(format_table(summary), encoding="utf-8")
-    plot_scores(summary, out_dir / "scores.png")
+    report.write_summary(out_dir, summary, format_table(summary), plot_scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,7 +328,7 @@ def build_prompt(question: str, suffix: str | None = DEFAULT_SUFFIX) -> str:
 
 def evaluate_mme(
     answer_fn: AnswerFn,
-    mme_root: str | Path,
+    mme_root: str | Path | Mapping[str, Sequence[Item]],
     out_dir: str | Path,
     batch_size: int = 16,
     prompt_suffix: str | None = DEFAULT_SUFFIX,
@@ -338,23 +336,14 @@ def evaluate_mme(
 ) -> dict:
     """Ask ``answer_fn`` every MME question in fixed batches, write answer files and reports, return the summary.
 
-    ``answer_fn`` gets ``[(image_path, prompt), ...]`` and returns one string per pair; batching crosses subtask
-    borders so the last batch of a subtask is not left half empty.
+    ``mme_root`` is the benchmark folder or what ``read_mme`` read from it (callers read first so that a broken file
+    fails before a model is loaded). ``answer_fn`` gets ``[(image_path, prompt), ...]`` and returns one string per
+    pair; batching crosses subtask borders so the last batch of a subtask is not left half empty.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    data = read_mme(mme_root)
+    data = read_mme(mme_root) if isinstance(mme_root, (str, Path)) else mme_root
     items = [item for name in data for item in data[name]]
-    predictions: list[str] = []
-    with tqdm(total=len(items), desc="MME", unit="q", disable=not progress) as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            answers = list(answer_fn([(item.image, build_prompt(item.question, prompt_suffix)) for item in batch]))
-            if len(answers) != len(batch) or not all(isinstance(a, str) for a in answers):
-                got = f"{len(answers)} items of types {sorted({type(a).__name__ for a in answers})}"
-                raise ValueError(f"answer_fn must return {len(batch)} strings for a batch of {len(batch)}, got {got}")
-            predictions.extend(answers)
-            bar.update(len(batch))
+    predictions = ask_all(answer_fn, [(item.image, build_prompt(item.question, prompt_suffix)) for item in items],
+                          batch_size, "MME", progress)
     results: dict[str, list[AnswerRow]] = {name: [] for name in data}
     for item, prediction in zip(items, predictions, strict=True):
         results[item.subtask].append(AnswerRow(item.image_name, item.question, item.truth, prediction))
@@ -364,6 +353,7 @@ def evaluate_mme(
     return summary
 
 
+@one_line_errors
 def main(argv: Sequence[str] | None = None) -> None:
     """Rescore an answer folder and print the table, for results produced elsewhere or by an older run."""
     parser = argparse.ArgumentParser(prog="python -m minigpt4qwen.eval.mme", description=main.__doc__)

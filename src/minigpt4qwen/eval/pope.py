@@ -18,11 +18,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.formats import BadSampleError
+from ..config import POPE_SPLITS
+from ..data.formats import BadSampleError, json_object
 from .mme import DEFAULT_SUFFIX, build_prompt
-from .report import AnswerFn, ask_all, write_summary
+from .report import AnswerFn, ask_all, one_line_errors, write_summary
 
-SPLITS = ("random", "popular", "adversarial")
+SPLITS = POPE_SPLITS
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 # Where the question files sit: POPE's repo keeps them in output/coco/, LLaVA's playground in pope/coco/.
 _PLACES = (".", "coco", "output/coco")
@@ -57,12 +58,9 @@ def _json_lines(path: Path) -> Iterable[tuple[str, dict]]:
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadSampleError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise BadSampleError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield where, row
+            yield where, json_object(line)
+        except ValueError as exc:
+            raise BadSampleError(f"{where}: {exc}") from None
 
 
 def _field(row: dict, key: str, where: str, kinds: tuple[type, ...] = (str,)):
@@ -235,6 +233,7 @@ def evaluate_pope(
     return summary
 
 
+@one_line_errors
 def main(argv: Sequence[str] | None = None) -> None:
     """Rescore a folder of POPE answer files and print the table."""
     parser = argparse.ArgumentParser(prog="python -m minigpt4qwen.eval.pope", description=main.__doc__)

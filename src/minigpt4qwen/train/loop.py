@@ -182,8 +182,8 @@ def existing_run(run_dir: Path) -> str | None:
 
 Evaluator = Callable[..., object]
 """A hook the loop calls every `eval.every_n_epochs` epochs on rank 0 of a plain/DDP run, after the checkpoint:
-`evaluate(cfg, model, tokenizer, template, run_dir, step, writer)`. The CLI passes eval.run.mme_during_training;
-the loop itself imports nothing from eval/ or serve/."""
+`evaluate(cfg, model, tokenizer, template, run_dir, step, writer)`. The CLI passes the hook that
+eval.training.training_evaluator builds (MME, POPE, MMBench as eval.* asks); the loop imports nothing from eval/."""
 
 
 def train(cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] = (),
@@ -454,7 +454,7 @@ def _evaluate(cfg: Config, engine: Engine, tokenizer, template, run_dir: Path, s
               evaluate: Evaluator) -> None:
     """Evaluation during training needs whole weights in one process: rank 0 of a plain/DDP run; others wait."""
     if engine.name not in ("plain", "ddp"):
-        log.warning("evaluation during training is skipped with engine %s: run `minigpt4qwen eval mme` on the "
+        log.warning("evaluation during training is skipped with engine %s: run `minigpt4qwen eval all` on the "
                     "checkpoint", engine.name)
         return
     if engine.dist.main:
