@@ -57,3 +57,23 @@ def tiny_run(tmp_path_factory, shapes_data) -> Path:
 
     tmp = tmp_path_factory.mktemp("tinyrun")
     return train(tiny_config(tmp, shapes_data, "train.max_steps=4", "train.save_every_steps=2"))
+
+
+@pytest.fixture
+def wide_llm(monkeypatch) -> str:
+    """`random:tiny-wide`: tiny-qwen2 with init std 0.2, whose greedy answers are words that depend on the image (0.02
+    gives near-flat logits: greedy repeats one token); `tiny-wide-400` has no spare rows past the tokenizer's 400."""
+    from minigpt4qwen.models.llm import LLM_PRESETS
+
+    monkeypatch.setitem(LLM_PRESETS, "tiny-wide", dict(LLM_PRESETS["tiny-qwen2"], initializer_range=0.2))
+    monkeypatch.setitem(LLM_PRESETS, "tiny-wide-400", dict(LLM_PRESETS["tiny-qwen2"], initializer_range=0.2,
+                                                             vocab_size=400))
+    return "model.llm=random:tiny-wide"
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny_run):
+    """The tiny run loaded for generation on CPU (API, scheduler and batching tests)."""
+    from minigpt4qwen.serve.generate import Assistant
+
+    return Assistant.from_run(tiny_run, device="cpu")

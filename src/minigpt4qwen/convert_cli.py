@@ -6,6 +6,7 @@
     minigpt4qwen convert export --checkpoint runs/minigpt4qwen-7b --out exported/minigpt4qwen-7b
     minigpt4qwen convert seed-projector --src cache/ckpt/minigpt4qwen/model.pth --out projector.safetensors
     minigpt4qwen convert to-seed --checkpoint runs/minigpt4qwen-7b --out model.pth
+    minigpt4qwen convert to-transformers --checkpoint runs/minigpt4qwen-7b --out exported/minigpt4qwen-7b-hf
     minigpt4qwen info --config configs/minigpt4qwen-7b.yaml model.llm=random:qwen-7b
 
 The format conversions themselves are pure functions in models/convert.py; this module only reads arguments, writes
@@ -15,6 +16,7 @@ directories and reports what was left out, so nothing a user passes is dropped w
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config
 from .models.convert import blip2_configs_from_state
-from .models.minigpt4qwen import CheckpointMismatchError, MiniGPT4Qwen, build_model, read_weights
+from .models.minigpt4qwen import DTYPES, CheckpointMismatchError, MiniGPT4Qwen, build_model, read_weights
 
 __all__ = [
     "add_convert_args",
@@ -33,6 +35,7 @@ __all__ = [
     "import_seed_projector",
     "meta_model",
     "to_seed",
+    "to_transformers",
     "write_hf_blip2_dir",
 ]
 
@@ -221,6 +224,71 @@ def _export(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- to-transformers
+
+
+def to_transformers(run_dir: str | Path, out_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> Path:
+    """A run as a plain transformers ``Blip2ForConditionalGeneration`` directory (models/convert/hf_blip2.py says how
+    the parts map): weights + config, the tokenizer with our prompt as its chat template and the image token named,
+    the BLIP image processor set to our preprocessing; ``AutoProcessor`` makes a ``Blip2Processor`` of the two."""
+    from transformers import AutoProcessor
+
+    from .models.convert.hf_blip2 import blip2_chat_template, blip2_image_processor, check_chat_template, to_blip2
+    from .runs import image_size, load_run
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; pick a new --out")
+    run = load_run(run_dir, device)
+    model, tokenizer, template = run.model, run.tokenizer, run.template
+    image_token = tokenizer.convert_ids_to_tokens(model.image_token_id)
+    tokenizer.chat_template = blip2_chat_template(template, image_token)
+    check_chat_template(tokenizer, template)  # before anything is written
+    stop = template.stop_token_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    hf, added = to_blip2(model, stop, pad, tokenizer.bos_token_id)
+    hf.to(DTYPES[dtype] if dtype else model.llm.dtype)
+    hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    # `image_token` named: Blip2Processor uses it instead of adding an "<image>" token of its own; left padding:
+    # batched generate continues every row right after its prompt
+    settings.update(image_token=image_token, padding_side="left", processor_class="Blip2Processor")
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    size = image_size(run.cfg, model)
+    blip2_image_processor(size).save_pretrained(out)
+    # no processor_config.json: Blip2Processor's num_query_tokens stays unset, so it prepends no image tokens of its
+    # own (the chat template places them)
+    processor = AutoProcessor.from_pretrained(out)
+    if type(processor).__name__ != "Blip2Processor" or len(processor.tokenizer) != len(tokenizer):
+        raise RuntimeError(f"{out}: AutoProcessor gave {type(processor).__name__} with {len(processor.tokenizer)} "
+                           f"tokens, expected Blip2Processor with {len(tokenizer)}")
+    print(f"wrote {out}: Blip2ForConditionalGeneration ({type(hf.language_model).__name__}, {hf.dtype}), "
+          f"image token {image_token!r} = id {model.image_token_id} x {model.num_query_tokens}, stop ids {stop}, "
+          f"{size}px BLIP image processor, chat template checked against the run's prompt")
+    if run.cfg.model.trainable.llm == "lora":
+        print("LoRA adapters merged into language_model's weights")
+    if added:
+        print(f"the image token lay past the LLM's embedding table: added zero rows {added}; pass "
+              f"suppress_tokens={added} to generate so that they are never chosen")
+    eps = model.vision_model.post_layernorm.eps
+    if eps != model.vision_model.config.layer_norm_eps:
+        print(f"note: vision post_layernorm (ln_vision) runs with eps {eps:g} here, {hf.config.vision_config.layer_norm_eps:g}"
+              " in transformers (one eps for all vision norms): image features differ at rounding level")
+    return out
+
+
+def _to_transformers(args) -> int:
+    from .models.convert.hf_blip2 import ChatTemplateMismatch
+
+    try:
+        to_transformers(args.checkpoint, args.out, args.device, args.dtype)
+    except ChatTemplateMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- info
 
 
@@ -277,6 +345,15 @@ def add_convert_args(subparsers) -> None:
     export.add_argument("--out", required=True, help="new output directory")
     export.add_argument("--device", default="cpu", help="where the model is assembled (cpu, cuda)")
     export.set_defaults(fn=_export)
+
+    hf = sub.add_parser("to-transformers",
+                        help="a run -> a plain transformers Blip2ForConditionalGeneration directory (+ tokenizer, processor)")
+    hf.add_argument("--checkpoint", required=True, help="run directory (or one of its checkpoint directories)")
+    hf.add_argument("--out", required=True, help="new output directory")
+    hf.add_argument("--device", default="cpu", help="where the model is assembled (cpu, cuda)")
+    hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="dtype of the saved weights (default: the LLM's as loaded: bf16 on cuda, fp32 on cpu)")
+    hf.set_defaults(fn=_to_transformers)
 
     seed = sub.add_parser("seed-projector", help="the seed's llm_proj (model.pth / checkpoint_*.pth) -> safetensors")
     seed.add_argument("--src", required=True, help="LAVIS checkpoint ({'model': ...}) or DeepSpeed/plain model.pth")
