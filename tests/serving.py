@@ -8,36 +8,32 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
+import base64
+import io
 import statistics
-import threading
 import time
-from collections.abc import Iterator
+
+from PIL import Image
+
+from minigpt4qwen.bench.serve import running_server  # the bench drives the same server
+
+__all__ = ["load_test", "png_data_url", "running_server", "until"]
 
 
-@contextlib.contextmanager
-def running_server(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a background thread (port 0: a free one); yields the base URL."""
-    import uvicorn
+def png_data_url(img: Image.Image) -> str:
+    """An image as the data: URL an API client sends."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the API server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+
+def until(condition, what: str, deadline_s: float = 60.0) -> None:
+    """Wait for `condition()`; the deadline only ends a test that fails (no timing is asserted)."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting: {what}")
+        time.sleep(0.005)
 
 
 def load_test(base_url: str, clients: int = 32, requests: int = 64, max_tokens: int = 8,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import threading
 from functools import partial
@@ -14,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving import load_test, running_server
+from serving import load_test, png_data_url, running_server
 
 from minigpt4qwen.data.conversation import IMAGE_PROMPT, Turn
 from minigpt4qwen.data.images import ImageLimits
@@ -26,17 +24,6 @@ openai = pytest.importorskip("openai")
 
 KEY = "test-secret"
 QUESTION = "What is in the image?"
-
-
-def png_data_url(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def assistant(tiny_run) -> Assistant:
-    return Assistant.from_run(tiny_run, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +162,19 @@ def test_remote_images_only_from_allowed_hosts(client, shapes_data, image_path, 
         httpd.shutdown()
 
 
-def test_load_32_streaming_clients_batched(server, image_path):
-    url, service = server
-    before = (service.batcher.batches_run, service.batcher.rows_run)
-    stats = load_test(url, clients=32, requests=64, max_tokens=8, api_key=KEY,
-                      image_url=png_data_url(Image.open(image_path)))
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_load_32_streaming_clients_batched(assistant, image_path, batching):
+    options = ServeOptions(api_key=KEY, limits=ImageLimits(max_bytes=64 * 1024, max_pixels=128 * 128), max_batch=32,
+                           batching=batching)
+    app = build_app(assistant, options)
+    with running_server(app) as url:
+        stats = load_test(url, clients=32, requests=64, max_tokens=8, api_key=KEY,
+                          image_url=png_data_url(Image.open(image_path)))
+    batcher = app.state.service.batcher
     assert stats["failed"] == 0 and stats["ok"] == 64, stats["errors"]
-    batches, rows = service.batcher.batches_run - before[0], service.batcher.rows_run - before[1]
-    assert rows == 64 and batches < 64 / 2, f"{rows} rows in {batches} batches: requests were not batched"
+    assert batcher.rows_run == 64 and batcher.most_rows > 1, "requests were not decoded together"
+    if batching == "static":
+        assert batcher.batches_run < 64 / 2, f"64 rows in {batcher.batches_run} batches: requests were not batched"
 
 
 def test_subcommand_options():
@@ -198,4 +190,6 @@ def test_subcommand_options():
     s = serve.parse_args(["--checkpoint", "run", "--api-key", "k", "--allow-remote-images", "img.example"])
     w = webui.parse_args(["--checkpoint", "run"])
     assert (s.host, s.port, s.api_key, s.allowed_hosts, s.max_batch) == ("127.0.0.1", 8000, "k", ["img.example"], 8)
+    assert (s.batching, s.prefill_chunk) == ("static", 512)  # continuous is opt-in until it has run on a GPU
+    assert serve.parse_args(["--checkpoint", "run", "--batching", "continuous"]).batching == "continuous"
     assert (w.host, w.port, w.device) == ("127.0.0.1", 7860, None) and w.max_image_pixels > 0

@@ -20,8 +20,10 @@ from minigpt4qwen.data.images import (
     ImageTooLarge,
     TooManyImages,
     data_url_bytes,
+    decode_image,
     load_image,
     open_image,
+    probe_image,
     random_resized_crop_box,
 )
 
@@ -94,3 +96,23 @@ def test_untrusted_image_limits():
     limits.check_count(2)
     with pytest.raises(TooManyImages, match="3 images; at most 2"):
         limits.check_count(3)
+
+
+def test_shrunk_image_gives_the_same_tensor():
+    """The API keeps uploads at the processor's size; the model must see exactly what the full image gives."""
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    proc = ImageProcessor(24, train=False)
+    small = proc.shrink(img)
+    assert small.size == (24, 24)
+    assert torch.equal(proc(small), proc(img))
+
+
+def test_probe_reads_the_header_only():
+    """Declared pixels are known (and checked) before anything is decoded."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="PNG")
+    img = probe_image(buf.getvalue(), ImageLimits())
+    assert img.size == (64, 48) and img.tile  # tiles still to decode: Pillow has read the header only
+    assert decode_image(img).size == (64, 48)
+    with pytest.raises(ImageTooLarge):
+        ImageLimits(max_request_pixels=2 * 64 * 48).check_request_pixels(3 * 64 * 48)

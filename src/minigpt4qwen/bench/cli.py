@@ -10,20 +10,24 @@ import torch
 
 from ..train.engines import resolve_device
 from .common import Bench
-from .eval import EVAL_VARIANTS, eval_section
+from .eval import EVAL_VARIANTS, SUITES, eval_section, suite_section
 from .generate import GENERATE_VARIANTS, generate_section
+from .serve import serve_section
 from .train import DEFAULT_TRAIN, objective_check, parse_train_variant, probe_memory, train_variant
 
-PRESETS = {"cuda": ("eva-vit-g", "blip2-qformer", "random:qwen-7b"), "cpu": ("tiny", "tiny", "random:tiny-qwen2")}
+PRESETS = {"7b": ("eva-vit-g", "blip2-qformer", "random:qwen-7b"), "tiny": ("tiny", "tiny", "random:tiny-qwen2")}
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """Options of `minigpt4qwen bench`; defaults marked 'cuda/cpu' differ so that CPU runs take seconds."""
-    p.add_argument("what", nargs="?", default="all", choices=("train", "generate", "eval", "all"))
+    p.add_argument("what", nargs="?", default="all", choices=("train", "generate", "eval", "serve", "all"),
+                   help="all = train + generate + eval; serve (the HTTP API under load) runs only when named")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default 7b on CUDA, tiny on CPU)")
     p.add_argument("--vision", help="vision preset (default eva-vit-g on CUDA, tiny on CPU)")
     p.add_argument("--qformer", help="Q-Former preset (default blip2-qformer on CUDA, tiny on CPU)")
     p.add_argument("--llm", help="LLM (default random:qwen-7b on CUDA, random:tiny-qwen2 on CPU)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: a tiny byte-level BPE built in-process)")
     p.add_argument("--num-query-tokens", type=int, default=32, help="image positions per image")
     p.add_argument("--attn-implementation", default="sdpa")
     p.add_argument("--variants", help="comma list; default: all of the chosen section(s)")
@@ -41,12 +45,26 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-repeats", type=int, help="timed decode runs (cuda 2 / cpu 1)")
     p.add_argument("--eval-questions", type=int, help="yes/no questions (cuda 2374 = MME / cpu 24)")
     p.add_argument("--eval-batch", type=int, help="questions per generate call (cuda 128 / cpu 8)")
-    p.add_argument("--eval-new-tokens", type=int, default=3)
+    p.add_argument("--eval-new-tokens", type=int,
+                   help="answer tokens (--suite model: 3; else eval all's own: mme 8, pope 16, mmbench 8)")
+    p.add_argument("--suite", choices=SUITES, default="model",
+                   help="eval: model = decoder comparison on token ids; mme/pope/mmbench/all = `eval all`'s path on "
+                        "official-size synthetic files")
+    p.add_argument("--mme-questions", type=int, help="--suite: MME questions (cuda 2374 / cpu 8)")
+    p.add_argument("--pope-questions", type=int, help="--suite: POPE questions per split (cuda 3000 / cpu 6)")
+    p.add_argument("--mmbench-questions", type=int, help="--suite: MMBench questions (cuda 4377 / cpu 4)")
+    p.add_argument("--image-px", type=int, help="--suite: image width, height 3/4 of it (cuda 640 / cpu 32)")
+    p.add_argument("--data-dir", help="--suite: write the files and results here and keep them (default: a temp dir)")
     p.add_argument("--probe-memory", action="store_true", help="largest micro-batch of `fast`, with/without ckpt")
     p.add_argument("--probe-max", type=int, help="largest batch the probe tries (cuda 4096 / cpu 16)")
     p.add_argument("--budget-s", type=float, default=400.0, help="variants not started by then are reported skipped")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 2 steps of each training variant: GPU time by kernel class")
+    p.add_argument("--serve-clients", default="1,8,32,64", help="serve: concurrent streaming clients, comma list")
+    p.add_argument("--serve-modes", default="static,continuous", help="serve: batching modes compared in the run")
+    p.add_argument("--serve-tokens", type=int, help="serve: new tokens per request (cuda 128 / cpu 8)")
+    p.add_argument("--serve-requests", type=int, help="serve: requests each client sends in turn (cuda 2 / cpu 1)")
+    p.add_argument("--serve-prompt-budget", type=int, default=512, help="serve: prompt tokens a request may take")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also append the JSON lines to this file")
 
@@ -55,9 +73,11 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namesp
     """Fill the device-dependent defaults (real size on CUDA, tiny and short on CPU)."""
     cuda = device.type == "cuda"
     table = {"batch_size": (32, 4), "steps": (10, 2), "warmup": (-1, 1), "gen_tokens": (128, 8), "gen_repeats": (2, 1),
-             "eval_questions": (2374, 24), "eval_batch": (128, 8), "probe_max": (4096, 16)}
+             "eval_questions": (2374, 24), "eval_batch": (128, 8), "probe_max": (4096, 16),
+             "mme_questions": (2374, 8), "pope_questions": (3000, 6), "mmbench_questions": (4377, 4),
+             "image_px": (640, 32), "serve_tokens": (128, 8), "serve_requests": (2, 1)}
     filled = {k: v[0 if cuda else 1] for k, v in table.items() if getattr(args, k, None) is None}
-    vision, qformer, llm = PRESETS["cuda" if cuda else "cpu"]
+    vision, qformer, llm = PRESETS[args.preset or ("7b" if cuda else "tiny")]
     filled.update({k: v for k, v in (("vision", vision), ("qformer", qformer), ("llm", llm))
                    if getattr(args, k, None) is None})
     args = argparse.Namespace(**{**vars(args), **filled})
@@ -87,7 +107,7 @@ def split_variants(args: argparse.Namespace, device: torch.device) -> tuple[list
         sections = {"train": [v for v in DEFAULT_TRAIN if v in keep],
                     "generate": [v for v in GENERATE_VARIANTS if v in keep],
                     "eval": [v for v in EVAL_VARIANTS if v in keep]}
-    chosen = ("train", "generate", "eval") if args.what == "all" else (args.what,)
+    chosen = ("train", "generate", "eval") if args.what == "all" else (args.what,)  # serve: none of them
     return tuple(sections[k] if k in chosen else [] for k in ("train", "generate", "eval"))  # type: ignore[return-value]
 
 
@@ -97,7 +117,7 @@ def print_table(records: list[dict]) -> None:
     for r in records:
         vals = "".join(f"{r[c]:>15.4g}" if isinstance(r.get(c), float) else f"{'-':>15}" for c in cols)
         note = r.get("error") or ", ".join(f"{k}={r[k]}" for k in ("batch_size", "max_batch", "match_hf", "abs_diff",
-                                                                   "total_s") if k in r)
+                                                                   "total_s", "ttft_p50_s", "itl_p95_s") if k in r)
         print(f"{r['variant']:<26}{vals}  {note}")
 
 
@@ -120,8 +140,12 @@ def run_bench(args: argparse.Namespace) -> int:
         bench.attempt(v, partial(train_variant, bench, v))
     if gen_vs:
         generate_section(bench, gen_vs)
-    if eval_vs:
+    if eval_vs and args.suite == "model":
         eval_section(bench, eval_vs)
+    elif eval_vs:
+        suite_section(bench)
+    if args.what == "serve":
+        serve_section(bench)
     if args.probe_memory:
         for ckpt in (False, True):
             bench.attempt("memory-fast-ckpt" if ckpt else "memory-fast", partial(probe_memory, bench, ckpt))

@@ -7,16 +7,33 @@ its own chat template, rendered with apply_chat_template and split into user/ass
 Every `<ImageHere>` marker in a user turn becomes `num_query_tokens` copies of the image placeholder id; the model
 overwrites those positions with projected image features. Labels are -100 everywhere except each assistant answer
 and its end-of-turn token.
+
+Message content is encoded as the characters it holds: a control token typed in a message (`<|im_end|>`,
+`<|im_start|>`, `<|image_pad|>`) stays text, as Qwen's make_context encodes content (`allowed_special=set()`), so a
+message can neither open a turn of another role nor claim image positions. Text typed by a user passes `literal()`,
+which keeps an `<ImageHere>` in it text too; the front ends add image markers themselves, one per image.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 IMAGE_MARKER = "<ImageHere>"
 IMAGE_PROMPT = "<Img><ImageHere></Img>"
 IGNORE_INDEX = -100
-_SENTINEL = "\uE000IMG\uE000"  # private-use characters: never produced by real text
+_LITERAL_MARKER = "<Image\uE001Here>"
+"""An image marker typed by a user: split by a private-use character so that it is no marker, restored to the text
+`<ImageHere>` just before encoding."""
+_OPEN, _CLOSE = "\uE002", "\uE003"
+"""Private-use delimiters around a control-token string of a message in a rendered chat template."""
+_WRAPPED = re.compile(f"{_OPEN}(.*?){_CLOSE}", re.DOTALL)
+_LONE = re.compile(f"[{_OPEN}{_CLOSE}]")
+
+
+def literal(text: str) -> str:
+    """Typed text (a chat question, an API text part) as turn content: an image marker in it stays text."""
+    return text.replace(IMAGE_MARKER, _LITERAL_MARKER)
 
 
 class OverlongError(ValueError):
@@ -88,6 +105,11 @@ class ChatTemplate:
             self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
             self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
             self.nl = self._enc("\n")
+        # added tokens (special or not, e.g. Qwen3's <think>) except whitespace ones, which are ordinary text
+        added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if not t.content.isspace()}
+        self._control_ids = set(added.values()) | {image_token_id}
+        pattern = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
+        self._control_re = re.compile(pattern) if pattern else None
 
     # ------------------------------------------------------------------ pieces
 
@@ -96,14 +118,60 @@ class ChatTemplate:
             return []
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _content(self, block: _Block, text: str, supervised: bool) -> None:
-        """Add text whose image markers become placeholder runs (never supervised)."""
-        parts = text.split(IMAGE_MARKER)
-        for i, part in enumerate(parts):
+    def _text(self, text: str) -> list[int]:
+        """Content as plain text: control-token strings in it become ordinary tokens (see the module docstring)."""
+        if not text:
+            return []
+        if self._control_re is None or not self._control_re.search(text):
+            ids = self._enc(text)  # the common case, and the ids training has always used
+            if self._control_ids.isdisjoint(ids):
+                return ids
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a Python tokenizer: this skips its special tokens only, checked below
+            ids = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        else:
+            # the backend's pipeline without its added-token matching; nothing shared is switched, so concurrent
+            # encodes (API threads, the batcher) never see a half-set tokenizer
+            if backend.normalizer is not None:
+                text = backend.normalizer.normalize_str(text)
+            pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+            ids = [t.id for p in pieces for t in backend.model.tokenize(p)]
+        if not self._control_ids.isdisjoint(ids):
+            raise ValueError("this tokenizer cannot encode the message's control-token text as plain text")
+        return ids
+
+    def _content(self, block: _Block, text: str, supervised: bool, rendered: bool = False) -> None:
+        """Add text whose image markers become placeholder runs (never supervised). `rendered`: a piece of the
+        tokenizer's rendered template, whose markup stays markup (`_rendered`)."""
+        for i, part in enumerate(text.split(IMAGE_MARKER)):
             if i:
                 block.add([self.image_token_id] * self.num_query_tokens)
                 block.images += 1
-            block.add(self._enc(part), supervised)
+            part = part.replace(_LITERAL_MARKER, IMAGE_MARKER)
+            block.add(self._rendered(part) if rendered else self._text(part), supervised)
+
+    def _mark(self, content: str) -> str:
+        """Content for the tokenizer's template: each control-token string in it between private-use delimiters."""
+        content = _LONE.sub("", content)
+        return self._control_re.sub(lambda m: _OPEN + m[0] + _CLOSE, content) if self._control_re else content
+
+    def _rendered(self, text: str) -> list[int]:
+        """Rendered template text, encoded whole as before except around the strings `_mark` delimited, which are
+        encoded as text; a delimiter left alone (a template that cut a string apart) still splits the text, so
+        that its halves cannot join into a control token. As transformers' `encode_marked_chat`, the text after a
+        split is encoded after a newline whose ids are then removed: SentencePiece adds no word start there."""
+        ids: list[int] = []
+        pieces = [(seg, i % 2 == 1) for i, seg in enumerate(_WRAPPED.split(text))]
+        pieces = [(p, as_text) for seg, as_text in pieces for p in ([seg] if as_text else _LONE.split(seg))]
+        for k, (piece, as_text) in enumerate(pieces):
+            encode = self._text if as_text else self._enc
+            if piece:
+                ids += self._after_newline(encode, piece) if k else encode(piece)
+        return ids
+
+    def _after_newline(self, encode, text: str) -> list[int]:
+        nl, ids = encode("\n"), encode("\n" + text)
+        return ids[len(nl):] if ids[: len(nl)] == nl else encode(text)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -134,10 +202,11 @@ class ChatTemplate:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _blocks_tokenizer(self, turns: list[Turn], add_generation_prompt: bool) -> tuple[_Block, list[_Block], _Block]:
-        """Split the tokenizer's own template into per-message strings by rendering growing prefixes."""
+        """Split the tokenizer's own template into per-message strings by rendering growing prefixes; control-token
+        strings in message content are delimited (`_mark`) so that they are encoded as text, the markup as markup."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         base = len(messages)
-        messages += [{"role": t.role, "content": t.content.replace(IMAGE_MARKER, _SENTINEL)} for t in turns]
+        messages += [{"role": t.role, "content": self._mark(t.content)} for t in turns]
         prev = self._render(messages[:base], False) if base else ""
         head = _Block(role="system")
         head.add(self._enc(prev))
@@ -154,7 +223,7 @@ class ChatTemplate:
             full = self._render(msgs, False)
             if not full.startswith(prev):
                 raise ValueError("the tokenizer's chat template is not prefix-stable; use data.template=chatml")
-            self._content(b, full[len(prev):].replace(_SENTINEL, IMAGE_MARKER), turn.role == "assistant")
+            self._content(b, full[len(prev):], turn.role == "assistant", rendered=True)
             prev = full
             blocks.append(b)
         tail = _Block(role="generation")

@@ -4,8 +4,9 @@ train: RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic) + ho
 `blip2_image_train`; eval: resize to size x size, bicubic. Both then scale to [0, 1] and normalise with CLIP's
 mean/std. Randomness comes from an explicit torch.Generator so that a resumed run draws the same crops.
 
-Untrusted images (web UI uploads, API data: URLs) pass `ImageLimits` before they are decoded: bytes on the wire or in
-the declared base64 length, format, pixels read from the header (decompression bombs), and images per request.
+Untrusted images (web UI uploads, API data: URLs) pass `ImageLimits` before they are decoded: images per request,
+bytes on the wire or in the declared base64 length, format, pixels read from the header (decompression bombs) for
+each image and summed over a request (`probe_image`, then `decode_image`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGES = 8
+MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS
 _DATA_URL = re.compile(r"data:image/(png|jpe?g);base64,(.*)", re.DOTALL | re.IGNORECASE)
 
 
@@ -63,14 +65,24 @@ class ImageLimits:
     formats: tuple[str, ...] = ("PNG", "JPEG")
     max_count: int = MAX_IMAGES
     """Images one API request may carry (the web UI checks each upload, not their number)."""
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    """Pixels of all images of one API request together, as their headers declare them."""
 
     def check_count(self, n: int) -> None:
         if n > self.max_count:
             raise TooManyImages(f"{n} images; at most {self.max_count}")
 
+    def check_request_pixels(self, pixels: int) -> None:
+        if pixels > self.max_request_pixels:
+            raise ImageTooLarge(f"the images have {pixels} pixels together; the limit is {self.max_request_pixels}")
 
-def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode untrusted image bytes after checking size, format and pixel count (read from the header first)."""
+
+def _undecodable(exc: Exception) -> ImageError:
+    return exc if isinstance(exc, ImageError) else ImageError(f"image cannot be decoded ({exc})")
+
+
+def probe_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Untrusted image bytes opened lazily: size, format and pixel count checked from the header, nothing decoded."""
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
     try:
@@ -79,12 +91,23 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
             raise ImageError(f"image format {img.format} not accepted; use {' or '.join(limits.formats)}")
         if img.width * img.height > limits.max_pixels:
             raise ImageTooLarge(f"image is {img.width}x{img.height} pixels; the limit is {limits.max_pixels} pixels")
-        img.load()
-        return img.convert("RGB")
+        return img
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, ImageError):
-            raise
-        raise ImageError(f"image cannot be decoded ({exc})") from None
+        raise _undecodable(exc) from None
+
+
+def decode_image(img: Image.Image) -> Image.Image:
+    """A probed image decoded to RGB."""
+    try:
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")  # no copy of a large upload that is RGB already
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _undecodable(exc) from None
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode untrusted image bytes after checking size, format and pixel count (read from the header first)."""
+    return decode_image(probe_image(data, limits))
 
 
 def data_url_bytes(url: str, limits: ImageLimits) -> bytes | None:
@@ -151,6 +174,12 @@ class ImageProcessor:
         self.scale = (crop_scale_min, 1.0)
         self.hflip = hflip
         self.random_resized_crop = random_resized_crop
+
+    def shrink(self, img: Image.Image) -> Image.Image:
+        """`img` at the size `__call__` resizes it to, giving the same tensor (Pillow's resize to an image's own
+        size is a copy), so that a server holds size x size per image instead of the upload; training crops first,
+        so a training processor returns `img` unchanged."""
+        return img if self.train else img.resize((self.size, self.size), Image.BICUBIC)
 
     def __call__(self, img: Image.Image, gen: torch.Generator | None = None) -> torch.Tensor:
         s = self.size

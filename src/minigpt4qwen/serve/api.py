@@ -1,6 +1,10 @@
 """OpenAI-compatible HTTP API over the shared generation path, with requests of many clients batched together.
 
     minigpt4qwen serve --checkpoint RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8]
+                       [--batching continuous|static]
+
+Requests join and leave a running decode batch at every step (scheduler.py, the default), or are grouped into
+batches that run to their end through HF generate (`--batching static`, batcher.py).
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -14,6 +18,12 @@ a server path. Text and image parts keep their order inside a user message (an i
 OpenAI semantics: temperature defaults to 1 (sampling) and 0 means greedy; `top_k` and `repetition_penalty` are
 accepted as extensions (as vLLM does). System messages are accepted and ignored: the model answers with the system
 prompt it was trained with (the template's).
+
+A request is checked whole before it joins a batch, cheapest first and off the event loop where it costs: body size,
+JSON and value ranges, text length, image count, each image's header and the request's declared pixels, then the
+decoding (under a server-wide pixel budget, shrunk at once to the model's input size) and the tokenisation. Text is
+encoded as text (`literal`, and the template's control-token handling): no role injection, no image markers by hand.
+Server-level limits (header timeout, connection limit, exposure without a key) are in guard.py.
 """
 
 from __future__ import annotations
@@ -23,104 +33,47 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from ..data.conversation import IMAGE_PROMPT, OverlongError, Turn
-from ..data.images import ImageError, ImageLimits, ImageTooLarge, TooManyImages, data_url_bytes, open_image
+from ..data.conversation import IMAGE_PROMPT, OverlongError, Turn, literal
+from ..data.images import (
+    ImageError,
+    ImageLimits,
+    ImageTooLarge,
+    TooManyImages,
+    data_url_bytes,
+    decode_image,
+    probe_image,
+)
+from .args import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    KEEP_ALIVE_S,
+    LIMIT_CONCURRENCY,
+    MAX_DECODE_PIXELS,
+    MAX_TEXT_CHARS,
+)
 from .args import add_serve_args as add_serve_args  # re-exported: the command's options live in args.py
 from .batcher import Batcher, Delta, Failure, Finish, Job
-from .generate import Assistant, GenerationSettings
+from .generate import Assistant
+from .guard import DecodeBudget, exposure_problem, header_timeout_protocol
+from .scheduler import Scheduler
+from .schema import DEFAULT_MAX_TOKENS, ApiError, ChatRequest, ContentPart, Message, invalid_request
 from .session import ConversationError, check_conversation, turn_content
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOKENS = 256
-
-
-# ---------------------------------------------------------------------- errors and request schema
-
-
-class ApiError(Exception):
-    """An OpenAI-style error: status code + {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
-
-    def settings(self, max_new_tokens: int) -> GenerationSettings:
-        temperature = 1.0 if self.temperature is None else self.temperature
-        return GenerationSettings(
-            max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-            top_p=self.top_p or 1.0, top_k=self.top_k or 0, repetition_penalty=self.repetition_penalty or 1.0,
-            seed=self.seed,
-        )
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
-        return stops
-
-
-def _validation_error(exc: ValidationError) -> ApiError:
-    err = exc.errors()[0]
-    if err["type"] == "json_invalid":
-        return ApiError(400, f"request body is not valid JSON: {err['msg']}", code="invalid_json")
-    where = ".".join(str(x) for x in err["loc"])
-    return ApiError(400, f"{where}: {err['msg']}", param=where or None)
-
 
 # ---------------------------------------------------------------------- the service
 
@@ -133,9 +86,44 @@ class ServeOptions:
     allowed_hosts: list[str] = field(default_factory=list)
     """Hosts remote image URLs may come from ("*": any); empty: data: URLs only."""
     max_batch: int = 8
+    """Answers decoded together: the continuous scheduler's KV-cache slots, or the static batch's rows."""
     batch_window_s: float = 0.01
+    batching: str = "static"
+    """"continuous": requests join and leave the running batch at every decode step (scheduler.py; not yet run on
+    a GPU); "static" (default): a batch runs to its end through HF generate while newcomers wait (batcher.py)."""
+    prefill_chunk: int = 512
+    """continuous: prompt tokens prefilled between two decode steps (a longer prompt is split)."""
+    slot_len: int | None = None
+    """continuous: positions (prompt + answer) per slot; None: the prompt budget + max_tokens_limit, less where the
+    KV cache would not fit the GPU."""
     max_tokens_limit: int = 2048
     max_n: int = 8
+    max_text_chars: int = MAX_TEXT_CHARS
+    """Characters of text in one request (400 above); long histories are cut to the model's budget anyway."""
+    max_request_bytes: int | None = None
+    """Request body (413 above); None: room for the largest images in base64 plus the text, + 1 MiB."""
+    max_decode_pixels: int = MAX_DECODE_PIXELS
+    """Image pixels being decoded at once over all requests (others wait)."""
+    body_timeout_s: float = BODY_TIMEOUT_S
+    """A request body not received within this time gets a 408."""
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    """uvicorn: a connection whose request headers are incomplete this long after it opened (or after its last
+    response) is closed."""
+    keep_alive_s: int = KEEP_ALIVE_S
+    limit_concurrency: int | None = LIMIT_CONCURRENCY
+    """uvicorn: connections + requests in progress; beyond it new requests get 503."""
+    max_header_bytes: int = 16 * 1024
+    """uvicorn (h11): request line + headers; larger gives 400."""
+
+    def body_limit(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        images = self.limits.max_count * (self.limits.max_bytes * 4 // 3 + 64)
+        return images + 8 * self.max_text_chars + (1 << 20)
+
+    def uvicorn_kwargs(self) -> dict:
+        return {"http": header_timeout_protocol(self.header_timeout_s), "timeout_keep_alive": self.keep_alive_s,
+                "limit_concurrency": self.limit_concurrency, "h11_max_incomplete_event_size": self.max_header_bytes}
 
 
 class ChatService:
@@ -144,19 +132,44 @@ class ChatService:
     def __init__(self, assistant: Assistant, options: ServeOptions) -> None:
         self.assistant = assistant
         self.options = options
-        self.batcher = Batcher(assistant, options.max_batch, options.batch_window_s)
         self.context = int(getattr(assistant.model.llm.config, "max_position_embeddings", 0) or 1 << 30)
+        self.batcher: Batcher | Scheduler
+        if options.batching == "static":
+            self.batcher = Batcher(assistant, options.max_batch, options.batch_window_s)
+        elif options.batching == "continuous":
+            self.batcher = Scheduler(assistant, options.max_batch, prefill_chunk=options.prefill_chunk,
+                                     max_len=options.slot_len or assistant.max_txt_len + options.max_tokens_limit)
+            self.context = min(self.context, self.batcher.max_len)  # a slot holds prompt + answer
+        else:
+            raise ValueError(f"batching must be 'continuous' or 'static', not {options.batching!r}")
+        self.decode_budget = DecodeBudget(options.max_decode_pixels,
+                                          workers=options.max_decode_pixels // options.limits.max_pixels)
 
-    async def image(self, url: str) -> Image.Image:
+    async def images(self, urls: list[str]) -> list[Image.Image]:
+        """Every image's header is read and the request's declared pixels checked before any image is decoded."""
         limits = self.options.limits
         try:
-            data = data_url_bytes(url, limits)
-            if data is None:
-                data = await self._fetch(url)
-            return await asyncio.to_thread(open_image, data, limits)
+            probed = [await self._probe(url) for url in urls]
+            pixels = [img.width * img.height for img in probed]
+            limits.check_request_pixels(sum(pixels))
+            return [await self.decode_budget.run(n, self._decode, img) for n, img in zip(pixels, probed)]
         except ValueError as exc:
             code = "image_too_large" if isinstance(exc, ImageTooLarge) else "invalid_image"
             raise ApiError(400, f"invalid image: {exc}", code=code, param="messages") from None
+
+    async def _probe(self, url: str) -> Image.Image:
+        limits = self.options.limits
+        data = await asyncio.to_thread(data_url_bytes, url, limits)
+        if data is None:
+            data = await self._fetch(url)
+        return await asyncio.to_thread(probe_image, data, limits)
+
+    def _decode(self, img: Image.Image) -> Image.Image:
+        """The image at the model's input size: a request waiting for the batch holds that, not the upload."""
+        small = self.assistant.processor.shrink(decode_image(img))
+        if small is not img:
+            img.close()  # the probed image keeps the decoded pixels while the request lists it, until closed
+        return small
 
     async def _fetch(self, url: str) -> bytes:
         parts = urlsplit(url)
@@ -182,7 +195,7 @@ class ChatService:
 
     async def conversation(self, messages: list[Message]) -> tuple[list[Turn], list[Image.Image]]:
         turns: list[Turn] = []
-        images: list[Image.Image] = []
+        urls: list[str] = []
         try:
             for m in messages:
                 if m.role in ("system", "developer"):
@@ -191,31 +204,40 @@ class ChatService:
                 pieces = []
                 for part in parts:
                     if part.type == "text":
-                        pieces.append(part.text or "")
+                        pieces.append(literal(part.text or ""))
                     elif m.role != "user" or part.image_url is None:
                         raise ConversationError("image_url parts belong in user messages")
                     else:
-                        images.append(await self.image(part.image_url.url))  # raises ApiError (with its code)
+                        urls.append(part.image_url.url)
                         pieces.append(IMAGE_PROMPT)
                 turns.append(Turn(m.role, turn_content(pieces)))
-            check_conversation(turns, len(images), self.options.limits)
+            check_conversation(turns, len(urls), self.options.limits)  # the image count before any image is read
         except (ConversationError, TooManyImages) as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        return turns, images
+        return turns, await self.images(urls)
+
+    def _prompt_tokens(self, turns: list[Turn]) -> int:
+        try:
+            return len(self.assistant.template.encode(turns, self.assistant.max_txt_len, True).input_ids)
+        except OverlongError as exc:
+            raise ApiError(400, str(exc), code="context_length_exceeded", param="messages") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
 
     async def job(self, req: ChatRequest, on_event) -> Job:
         """Validate a request completely before it reaches the batch, so one bad request never fails others."""
         if req.model != self.options.model_name:
             raise ApiError(404, f"model {req.model!r} does not exist; GET /v1/models lists "
                                 f"{self.options.model_name!r}", code="model_not_found", param="model")
-        if req.n > self.options.max_n:
-            raise ApiError(400, f"n is {req.n}; at most {self.options.max_n}", param="n")
+        if req.n > self.options.max_n or (req.n > self.options.max_batch and self.options.batching == "continuous"):
+            most = min(self.options.max_n, self.options.max_batch)
+            raise ApiError(400, f"n is {req.n}; at most {most}", param="n")
         stops = req.stops()
+        if (chars := req.text_chars()) > self.options.max_text_chars:
+            raise ApiError(400, f"the request has {chars} characters of text; at most {self.options.max_text_chars}",
+                           code="string_above_max_length", param="messages")
         turns, images = await self.conversation(req.messages)
-        try:
-            prompt = len(self.assistant.template.encode(turns, self.assistant.max_txt_len, True).input_ids)
-        except OverlongError as exc:
-            raise ApiError(400, str(exc), code="context_length_exceeded", param="messages") from None
+        prompt = await asyncio.to_thread(self._prompt_tokens, turns)  # a long prompt must not stall the event loop
         room = self.context - prompt
         wanted = req.max_completion_tokens or req.max_tokens
         if wanted is not None and (wanted > self.options.max_tokens_limit or wanted > room):
@@ -243,7 +265,9 @@ def build_app(assistant: Assistant, options: ServeOptions | None = None) -> Fast
         yield
         await asyncio.to_thread(service.batcher.close)
 
-    app = FastAPI(title="minigpt4qwen", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # the schema would be the one route a client reaches without the key: none when there is a key
+    app = FastAPI(title="minigpt4qwen", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if options.api_key else "/openapi.json")
     app.state.service = service
 
     @app.exception_handler(ApiError)
@@ -285,16 +309,11 @@ def build_app(assistant: Assistant, options: ServeOptions | None = None) -> Fast
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(request: Request):
-        body = bytearray()
-        limit = options.limits.max_bytes * options.limits.max_count * 4 // 3 + (1 << 20)
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        body = await _body(request, options.body_limit(), options.body_timeout_s)
         try:
-            req = ChatRequest.model_validate_json(bytes(body))
+            req = await asyncio.to_thread(ChatRequest.model_validate_json, body)
         except ValidationError as exc:
-            raise _validation_error(exc) from None
+            raise invalid_request(exc) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = await service.job(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
@@ -302,19 +321,69 @@ def build_app(assistant: Assistant, options: ServeOptions | None = None) -> Fast
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": options.model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, events, head, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _JobStream(job, _sse(job, events, head, include_usage), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        collect = asyncio.ensure_future(_collect(job, events))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            finished = await _collect(job, events)
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():  # the client went away (or the server stops): its rows stop at the next step
+                job.cancelled = True
+                collect.cancel()
+        if collect.cancelled():
+            return Response(status_code=499)  # nobody reads it
+        finished = collect.result()
         choices = [{"index": f.index, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
                     "finish_reason": f.reason} for f in sorted(finished, key=lambda f: f.index)]
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": _usage(job.prompt_tokens, sum(f.completion_tokens for f in finished))}
 
     return app
+
+
+async def _body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (from Content-Length before reading, when sent) and with
+    408 when it is not all there within `timeout_s`."""
+    too_large = ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise too_large
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout_s:g} s", code="request_timeout") from None
+    return bytes(body)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body is read by then, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _JobStream(StreamingResponse):
+    """The answer's event stream; its job stops however the response ends, even before the first chunk (when the
+    event generator, never started, would not run its own cleanup)."""
+
+    def __init__(self, job: Job, content, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled = True
 
 
 def _failed(ev: Failure) -> ApiError:
@@ -368,15 +437,32 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool)
 # ---------------------------------------------------------------------- running
 
 
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    limits = ImageLimits(args.max_image_bytes, args.max_image_pixels, max_count=args.max_images,
+                         max_request_pixels=args.max_request_pixels)
+    return ServeOptions(
+        model_name=args.model_name, api_key=args.api_key, allowed_hosts=list(args.allowed_hosts or []), limits=limits,
+        max_batch=args.max_batch, batching=args.batching, prefill_chunk=args.prefill_chunk,
+        slot_len=args.slot_len or None, max_tokens_limit=args.max_tokens_limit, max_text_chars=args.max_text_chars,
+        max_request_bytes=args.max_request_bytes, max_decode_pixels=args.max_decode_pixels,
+        body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout,
+        limit_concurrency=args.limit_concurrency or None,
+    )
+
+
 def run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    problem = exposure_problem(args.host, args.api_key, args.insecure)
+    if problem:  # before the model loads: a refused start costs nothing
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if not args.api_key:
+        print(f"warning: no --api-key: every client that reaches {args.host}:{args.port} can use the API",
+              file=sys.stderr)
+    options = options_from_args(args)
     assistant = Assistant.from_run(args.checkpoint, device=args.device, compile_decoder=args.compile_decode)
-    options = ServeOptions(
-        model_name=args.model_name, api_key=args.api_key, allowed_hosts=list(args.allowed_hosts or []),
-        limits=ImageLimits(args.max_image_bytes, args.max_image_pixels), max_batch=args.max_batch,
-        max_tokens_limit=args.max_tokens_limit,
-    )
     log.info("serving %s as %r on http://%s:%d/v1", args.checkpoint, options.model_name, args.host, args.port)
-    uvicorn.run(build_app(assistant, options), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(build_app(assistant, options), host=args.host, port=args.port, log_level="info",
+                **options.uvicorn_kwargs())
     return 0

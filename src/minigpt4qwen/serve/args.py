@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from ..data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_REQUEST_PIXELS
+
+# defaults of the API server's limits, shared by its options (api.ServeOptions) and its command line
+MAX_TEXT_CHARS = 256 * 1024
+MAX_DECODE_PIXELS = 2 * MAX_IMAGE_PIXELS
+BODY_TIMEOUT_S = 60.0
+HEADER_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 5
+LIMIT_CONCURRENCY = 128
 
 
 def add_compile_decode_arg(p: argparse.ArgumentParser) -> None:
@@ -30,11 +38,39 @@ def add_common_serve_args(p: argparse.ArgumentParser, port: int) -> None:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_common_serve_args(p, 8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host other than loopback without --api-key (anyone who reaches it can use it)")
     p.add_argument("--model-name", default="minigpt4qwen", help="the model id clients send")
     p.add_argument("--allow-remote-images", dest="allowed_hosts", action="append", default=[], metavar="HOST",
                    help="fetch http(s) image URLs from HOST (repeat; '*' for any); default: data: URLs only")
-    p.add_argument("--max-batch", type=int, default=8, help="most answers decoded together in one batch")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most answers decoded together (continuous: KV-cache slots; static: rows of one batch)")
+    # static stays the default until continuous batching's CUDA-graph path has run on a GPU (it is CPU-tested)
+    p.add_argument("--batching", choices=("continuous", "static"), default="static",
+                   help="continuous: requests join and leave the running batch at every decode step (static KV "
+                        "cache, CUDA graphs on CUDA; new, not yet run on a GPU); static (default): a batch runs to "
+                        "its end through HF generate")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="continuous: prompt tokens prefilled between two decode steps (longer prompts are split)")
+    p.add_argument("--slot-len", type=int, default=0,
+                   help="continuous: positions (prompt + answer) per slot (0: prompt budget + --max-tokens-limit, "
+                        "less if the KV cache would not fit the GPU)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    g = p.add_argument_group("limits", "what one request, and all together, may cost (see README: Limits)")
+    g.add_argument("--max-images", type=int, default=MAX_IMAGES, help="images per request")
+    g.add_argument("--max-request-pixels", type=int, default=MAX_REQUEST_PIXELS,
+                   help="pixels of a request's images together, as their headers declare them")
+    g.add_argument("--max-decode-pixels", type=int, default=MAX_DECODE_PIXELS,
+                   help="image pixels decoded at once over all requests (others wait)")
+    g.add_argument("--max-text-chars", type=int, default=MAX_TEXT_CHARS, help="characters of text per request")
+    g.add_argument("--max-request-bytes", type=int, default=None,
+                   help="request body (default: the largest images in base64 + 8 bytes per text character + 1 MiB)")
+    g.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, help="seconds to receive a request body (then 408)")
+    g.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds for a request's headers to arrive, from connect or the previous response")
+    g.add_argument("--keep-alive-timeout", type=int, default=KEEP_ALIVE_S, help="seconds an idle kept-alive connection stays")
+    g.add_argument("--limit-concurrency", type=int, default=LIMIT_CONCURRENCY,
+                   help="connections + requests in progress before new requests get 503 (0: no limit)")
 
 
 def add_webui_args(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@ A worker thread takes the pending jobs that share sampling settings (up to `max_
 `window_s` for company) and runs them through the shared generation path (`Assistant` template, image preprocessing,
 left-padded embeddings, HF generate). Each row's text is streamed per decoding step and each row stops on its own
 (end of turn, its own `max_tokens`, a stop string, or a client that went away) while the rest of the batch goes on.
-Jobs that arrive while a batch runs wait for the next one (batch-level, not token-level continuous batching).
+Jobs that arrive while a batch runs wait for the next one (batch-level batching: `serve --batching static`; the
+default, token-level continuous batching, is scheduler.py, which shares this module's job, event and row types).
 """
 
 from __future__ import annotations
@@ -95,6 +96,23 @@ class _Row:
             self.job.on_event(Delta(self.index, safe[len(self.sent):]))
             self.sent = safe
 
+    def advance(self, token: int, tokenizer, stop_ids: set[int] | list[int]) -> None:
+        """Take the row's next token: stream what is safe to show, finish on a stop id, stop string or max_tokens.
+
+        Shared by both batching modes (the static batch's stopping criterion and the continuous scheduler)."""
+        if token in stop_ids:
+            self.finish(self.visible(tokenizer.decode(self.tokens, skip_special_tokens=True))[0], "stop")
+            return
+        self.tokens.append(token)
+        text, hit_stop = self.visible(tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if hit_stop:
+            self.finish(text, "stop")
+        elif len(self.tokens) >= self.job.settings.max_new_tokens:
+            self.finish(text, "length")
+        else:
+            hold = max((len(s) for s in self.job.stop), default=1) - 1  # a stop string may be starting
+            self.emit_until(_HIDDEN_TAIL.sub("", text[: len(text) - hold]))
+
     def finish(self, text: str, reason: str) -> None:
         final = text.rstrip()
         if final.startswith(self.sent):
@@ -116,54 +134,38 @@ class BatchStreamer(StoppingCriteria):
         self.tokenizer = tokenizer
         self.rows = rows
         self.stop_ids = set(stop_ids)
+        self.steps = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.steps += 1
         for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
             if row.done:
                 continue
             if row.job.cancelled:
                 row.done = True
                 continue
-            if token in self.stop_ids:
-                self._finish(row, "stop")
-                continue
-            row.tokens.append(token)
-            text, hit_stop = row.visible(self.tokenizer.decode(row.tokens, skip_special_tokens=True))
-            if hit_stop:
-                row.finish(text, "stop")
-            elif len(row.tokens) >= row.job.settings.max_new_tokens:
-                row.finish(text, "length")
-            else:
-                hold = max((len(s) for s in row.job.stop), default=1) - 1  # a stop string may be starting
-                row.emit_until(_HIDDEN_TAIL.sub("", text[: len(text) - hold]))
+            row.advance(token, self.tokenizer, self.stop_ids)
         return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
-
-    def _finish(self, row: _Row, reason: str) -> None:
-        row.finish(row.visible(self.tokenizer.decode(row.tokens, skip_special_tokens=True))[0], reason)
 
     def close(self) -> None:
         """Rows still open when generate returns ran into the batch's length limit."""
         for row in self.rows:
             if not row.done:
-                self._finish(row, "length")
+                row.finish(row.visible(self.tokenizer.decode(row.tokens, skip_special_tokens=True))[0], "length")
 
 
-class Batcher:
-    """Collects jobs from any thread and answers them in batches on one worker thread."""
+class Worker:
+    """Jobs submitted from any thread, answered on one daemon thread (`_work`; None in the queue: finish, stop)."""
 
-    def __init__(self, assistant: Assistant, max_batch: int = 8, window_s: float = 0.01) -> None:
-        self.assistant = assistant
-        self.max_batch = max(1, max_batch)
-        self.window_s = window_s
+    thread_name = "worker"
+
+    def __init__(self) -> None:
         self._pending: queue.Queue[Job | None] = queue.Queue()
-        self._held: collections.deque[Job] = collections.deque()  # taken from the queue but not yet run
         self._thread: threading.Thread | None = None
-        self.batches_run = 0
-        self.rows_run = 0
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
+            self._thread = threading.Thread(target=self._work, name=self.thread_name, daemon=True)
             self._thread.start()
 
     def close(self) -> None:
@@ -175,6 +177,26 @@ class Batcher:
     def submit(self, job: Job) -> None:
         self.start()
         self._pending.put(job)
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(Worker):
+    """Collects jobs from any thread and answers them in batches on one worker thread."""
+
+    thread_name = "batcher"
+
+    def __init__(self, assistant: Assistant, max_batch: int = 8, window_s: float = 0.01) -> None:
+        super().__init__()
+        self.assistant = assistant
+        self.max_batch = max(1, max_batch)
+        self.window_s = window_s
+        self._held: collections.deque[Job] = collections.deque()  # taken from the queue but not yet run
+        self.batches_run = 0
+        self.rows_run = 0
+        self.most_rows = 0
+        """Most rows decoded together so far (the continuous scheduler counts the same)."""
 
     # ------------------------------------------------------------------ worker
 
@@ -219,7 +241,11 @@ class Batcher:
                 self.run(group)
 
     def run(self, jobs: list[Job]) -> None:
-        """Decode all rows of `jobs` (which share a key) in one generate call; failures go to every job."""
+        """Decode all rows of `jobs` (which share a key) in one generate call.
+
+        A failure before the first step (one conversation the template or the image preprocessing rejects) is
+        retried job by job, so that it reaches its own request only; one while decoding goes to the jobs still open.
+        """
         rows = [_Row(job, i) for job in jobs for i in range(job.n)]
         a = self.assistant
         settings = replace(jobs[0].settings, num_return_sequences=1,
@@ -230,9 +256,16 @@ class Batcher:
                 kwargs = a._generate_kwargs([r.job.turns for r in rows], [r.job.images for r in rows], settings)
                 a.model.llm.generate(**kwargs, stopping_criteria=StoppingCriteriaList([streamer]))
             streamer.close()
-        except Exception as exc:  # the server keeps serving; each client gets the error
+        except Exception as exc:  # the server keeps serving
+            if streamer.steps == 0 and len(jobs) > 1:
+                log.warning("batch of %d jobs failed before decoding (%s); running them one by one", len(jobs), exc)
+                for job in jobs:
+                    self.run([job])
+                return
             log.exception("batch of %d rows failed", len(rows))
             for job in jobs:
-                job.on_event(Failure(exc))
+                if any(not r.done for r in rows if r.job is job):
+                    job.on_event(Failure(exc))
         self.batches_run += 1
         self.rows_run += len(rows)
+        self.most_rows = max(self.most_rows, len(rows))

@@ -77,7 +77,7 @@ class FastDecoder:
             self.out = torch.zeros(max_batch, max_len, dtype=torch.long)
             self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long)
             self.pad = torch.zeros((), dtype=torch.long)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.fused = _fuse_projections(self.layers) if fuse else None
         if self.fused is not None and not all("qkv" in f and "gate_up" in f for f in self.fused):
@@ -109,13 +109,20 @@ class FastDecoder:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = _rotate(q.transpose(1, 2), cos, sin)
         k = _rotate(k.transpose(1, 2), cos, sin)
-        keys, values = self.keys[i, :b], self.values[i, :b]
-        keys.index_copy_(2, slots, k)
-        values.index_copy_(2, slots, v)
+        keys, values = self._write_kv(i, k, v, slots)
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
         o = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=bias,
                                            scale=scale, enable_gqa=self.gqa)
         return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+    def _write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor,
+                  slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new K/V (B, heads, T, head_dim) of layer `i` at cache columns `slots`; the rows' whole cache."""
+        b = k.shape[0]
+        keys, values = self.keys[i, :b], self.values[i, :b]
+        keys.index_copy_(2, slots, k)
+        values.index_copy_(2, slots, v)
+        return keys, values
 
     def _mlp(self, i: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.fused is None or "gate_up" not in self.fused[i]:
@@ -124,15 +131,25 @@ class FastDecoder:
         gate, up = F.linear(x, w, b).split(sizes, dim=-1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
-    def _forward(self, h: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
-        """Hidden states (B, T, d) -> greedy next token of the last position, (B,); writes K/V at `slots`."""
+    def _hidden(self, h: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
+                kv_len: int) -> torch.Tensor:
+        """Input embeddings (B, T, d) -> the last layer's hidden states; writes K/V at `slots`."""
         cos, sin = self.decoder.rotary_emb(h, position_ids)
         for i, layer in enumerate(self.layers):
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, slots, bias, kv_len)
             h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
-        logits = self.lm_head(self.decoder.norm(h[:, -1]))
-        return logits.float().argmax(-1)
+        return h
+
+    def _logits(self, h: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
+                kv_len: int) -> torch.Tensor:
+        """Float32 next-token logits (B, vocab) of the last position, as HF's generate scores them."""
+        h = self._hidden(h, position_ids, slots, bias, kv_len)
+        return self.lm_head(self.decoder.norm(h[:, -1])).float()
+
+    def _forward(self, h: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        """Hidden states (B, T, d) -> greedy next token of the last position, (B,); writes K/V at `slots`."""
+        return self._logits(h, position_ids, slots, bias, kv_len).argmax(-1)
 
     def _emit(self, b: int, nxt: torch.Tensor) -> None:
         """Record the step's tokens as HF does: rows that already stopped get the pad id, then update `done`."""
@@ -154,9 +171,10 @@ class FastDecoder:
     def _state(self) -> list[torch.Tensor]:
         return [self.tok, self.pos, self.slot, self.step, self.bias, self.done, self.out]
 
-    def _graph(self, b: int) -> torch.cuda.CUDAGraph:
-        """Capture the decode step for batch size `b` (warm-up runs first, as CUDA graphs require; state restored)."""
-        graph = self._graphs.get(b)
+    def _graph(self, *key: int) -> torch.cuda.CUDAGraph:
+        """Capture the decode step for its arguments `key` (here a batch size), once: warm-up runs first, as CUDA graphs
+        require, and the state is restored after them."""
+        graph = self._graphs.get(key)
         if graph is not None:
             return graph
         saved = [t.clone() for t in self._state()]
@@ -164,15 +182,15 @@ class FastDecoder:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(b)
+                self._step(*key)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for t, s in zip(self._state(), saved, strict=True):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(b)
+            self._step(*key)
         self._pool = graph.pool()
-        self._graphs[b] = graph
+        self._graphs[key] = graph
         return graph
 
     # ------------------------------------------------------------------ public API

@@ -3,13 +3,14 @@ settings, and the checks a request's turns and images pass before they reach the
 
 The three front ends build their prompts here, so the same question about the same image gives the same prompt (the
 seed's: image prompt(s) first, then the question) and the same answer in the terminal, the browser and over HTTP.
+Typed text passes `literal` on its way in: only the front end's own image prompts ask for images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from ..data.conversation import IMAGE_PROMPT, Turn
+from ..data.conversation import IMAGE_MARKER, IMAGE_PROMPT, Turn, literal
 from ..data.images import ImageLimits
 from .generate import Assistant, GenerationSettings
 
@@ -29,10 +30,14 @@ def turn_content(pieces: Iterable[str]) -> str:
 
 
 def check_conversation(turns: list[Turn], n_images: int, limits: ImageLimits) -> None:
-    """A request is answerable: it ends with a user turn and carries no more images than the limits allow."""
+    """A request is answerable: it ends with a user turn, carries no more images than the limits allow and has one
+    image marker per image (checked here so that a bad request fails alone, never inside a batch of others)."""
     if not turns or turns[-1].role != "user":
         raise ConversationError("the last message must come from the user")
     limits.check_count(n_images)
+    markers = sum(t.content.count(IMAGE_MARKER) for t in turns)
+    if markers != n_images:
+        raise ConversationError(f"the conversation has {markers} image marker(s) for {n_images} image(s)")
 
 
 class ChatSession:
@@ -45,8 +50,11 @@ class ChatSession:
         self.history: list[Turn] = []
 
     def turns_for(self, query: str) -> list[Turn]:
+        query = literal(query)
         content = first_turn(query, len(self.images)) if not self.history else query
-        return [*self.history, Turn("user", content)]
+        # answers are kept as shown; an <ImageHere> the model wrote is text when the next prompt is built
+        history = [Turn(t.role, literal(t.content)) if t.role == "assistant" else t for t in self.history]
+        return [*history, Turn("user", content)]
 
     def ask(self, query: str) -> Iterator[str]:
         turns = self.turns_for(query)
@@ -58,4 +66,4 @@ class ChatSession:
             for piece in self.assistant.stream(turns, self.images, self.settings):
                 answer += piece
                 yield piece
-        self.history = [*turns, Turn("assistant", answer.strip())]
+        self.history = [*self.history, turns[-1], Turn("assistant", answer.strip())]

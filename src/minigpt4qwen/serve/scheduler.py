@@ -1,0 +1,355 @@
+"""Token-level continuous batching for the API server (`serve --batching continuous`, the default).
+
+    scheduler = Scheduler(assistant, max_batch=64)
+    scheduler.submit(Job(turns, images, settings, on_event))   # from any thread; events come from the worker
+
+One worker thread owns a `SlotDecoder` (a static KV cache of `max_batch` slots, CUDA graphs on CUDA) and loops:
+drop the rows of clients that went away (their slots free at once); prefill waiting requests into free slots, at most
+`prefill_chunk` prompt tokens per iteration (a long prompt is split over iterations); then one decode step for every
+slot in use. A request therefore joins the running batch at the next step boundary and leaves it when it stops, and
+while a newcomer is prefilled the others lose at most one chunk's time (plus its image encoding) between two tokens.
+
+Each row samples on its own after the step, through transformers' logits processors (repetition penalty,
+temperature, top-k, top-p, in `generate`'s order) and `torch.multinomial`, with a `torch.Generator` per seeded
+request, so a seed gives the same answer alone or in any batch (on CPU the same tokens as `generate` after
+`torch.manual_seed`); rows that share settings and need no generator of their own are sampled together. Streaming, stop strings and max_tokens are
+the static batcher's own row logic (`batcher._Row.advance`).
+
+Failures stay with their request: a conversation the template or image preprocessing rejects, a prefill or a
+row's sampling that raises, fail that request only; a decode step that raises fails the rows in it (a step is one
+forward pass over all of them) and the scheduler goes on with the next requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .batcher import Failure, Job, Worker, _Row
+from .generate import Assistant, GenerationSettings
+from .slots import SlotDecoder
+
+log = logging.getLogger(__name__)
+
+KV_MEMORY_SHARE = 0.6
+"""Share of the GPU memory free at start that the slots' KV cache may take (the rest: activations, graphs, logits)."""
+
+
+def processors(s: GenerationSettings) -> LogitsProcessorList:
+    """The logits processors `generate` builds for these settings, in its order."""
+    out = LogitsProcessorList()
+    if s.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+    if s.do_sample:
+        if s.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(s.temperature))
+        if s.top_k:
+            out.append(TopKLogitsWarper(s.top_k))
+        if s.top_p < 1.0:
+            out.append(TopPLogitsWarper(s.top_p))
+    return out
+
+
+def slot_len(assistant: Assistant, slots: int, wanted: int) -> int:
+    """Cache columns per slot: `wanted`, less where the KV cache of all slots would not fit the GPU's free memory."""
+    cfg = assistant.model.llm.config
+    device = assistant.model.device
+    if device.type != "cuda":
+        return wanted
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * assistant.model.llm.dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int(free * KV_MEMORY_SHARE) // (per_token * slots) // 16 * 16
+    if fits < wanted:
+        log.warning("KV cache: %d slots x %d positions fit in %.0f%% of free GPU memory (asked %d); longer requests "
+                    "are refused", slots, fits, 100 * KV_MEMORY_SHARE, wanted)
+    return max(16, min(wanted, fits))
+
+
+@dataclass
+class _Request:
+    """A job being prefilled or decoded: its rows, their slots, and what they share (prompt, generator)."""
+
+    job: Job
+    rows: list[_Row]
+    slots: list[int]
+    embeds: torch.Tensor | None = None
+    prefilled: int = 0
+    generator: torch.Generator | None = None
+    procs: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    failed: bool = False
+
+
+@dataclass
+class _Active:
+    """A row decoding in a slot: its last token (fed to the next step) and its position (the cache column it fills)."""
+
+    row: _Row
+    request: _Request
+    token: int
+    pos: int
+
+
+class Scheduler(Worker):
+    """Continuous batching over `max_batch` slots; the same `submit`/`close` interface as `batcher.Batcher`."""
+
+    thread_name = "scheduler"
+
+    def __init__(self, assistant: Assistant, max_batch: int = 8, max_len: int | None = None,
+                 prefill_chunk: int = 512) -> None:
+        super().__init__()
+        self.assistant = assistant
+        self.max_batch = max(1, max_batch)
+        context = int(getattr(assistant.model.llm.config, "max_position_embeddings", 0) or 1 << 30)
+        self.max_len = slot_len(assistant, self.max_batch, min(context, max_len or assistant.max_txt_len + 2048))
+        self.prefill_chunk = max(1, prefill_chunk)
+        self._waiting: deque[Job] = deque()
+        self._prefill: _Request | None = None
+        self._active: dict[int, _Active] = {}
+        self._free = list(range(self.max_batch))  # a heap: the lowest free slot first keeps decode steps narrow
+        self._closing = False
+        self.decoder: SlotDecoder | None = None
+        self.steps = 0
+        """Decode steps run (each gives every slot in use one token)."""
+        self.rows_run = 0
+        """Rows that ended: finished, failed or cancelled."""
+        self.most_rows = 0
+        """Most rows decoded in one step."""
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.max_batch - len(self._free)
+
+    # ------------------------------------------------------------------ worker
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._prefill or self._active)
+
+    def _take_new(self) -> None:
+        """Move submitted jobs to the waiting line; block for one only when there is nothing else to do."""
+        block = not self._busy() and not self._closing
+        while True:
+            try:
+                job = self._pending.get() if block else self._pending.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if job is None:
+                self._closing = True  # finish what was submitted, then stop
+            else:
+                self._waiting.append(job)
+
+    def _work(self) -> None:
+        while True:
+            self._take_new()
+            if self._closing and not self._busy():
+                return
+            with torch.inference_mode():  # the decoder's buffers are inference tensors: every write in this mode
+                try:
+                    with self.assistant.lock:
+                        self._iteration()
+                except Exception as exc:  # a bug in the loop itself: fail what is running, keep serving
+                    log.exception("scheduler iteration failed")
+                    self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException, prefill: bool = True) -> None:
+        """Fail the decoding requests, and (`prefill`) the one being prefilled."""
+        for req in {id(a.request): a.request for a in self._active.values()}.values():
+            self._fail(req, exc)
+        if prefill and self._prefill is not None:
+            req, self._prefill = self._prefill, None
+            self._fail(req, exc)
+        if self.decoder is None:  # no decoder (e.g. an unsupported model): nothing waiting can be served
+            while self._waiting:
+                self._waiting.popleft().on_event(Failure(exc))
+
+    def _iteration(self) -> None:
+        if self.decoder is None:
+            self.decoder = SlotDecoder(self.assistant.model.llm, self.max_batch, self.max_len, fuse=True,
+                                       compile=self.assistant.compile_decoder)
+        self._drop_cancelled()
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefill is None:
+                self._prefill = self._admit()
+                if self._prefill is None:
+                    break
+            budget -= self._prefill_chunk(self._prefill, budget)
+        if self._active:
+            self._decode_step()
+
+    # ------------------------------------------------------------------ joining
+
+    def _admit(self) -> _Request | None:
+        """The oldest waiting job, once it has a slot per answer, with its prompt embedded; None if none can start."""
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                continue
+            if job.n > self.max_batch:
+                self._waiting.popleft()
+                job.on_event(Failure(ValueError(f"n={job.n} exceeds the server's {self.max_batch} slots")))
+                continue
+            if len(self._free) < job.n:
+                return None  # first come, first served: later jobs do not overtake it
+            self._waiting.popleft()
+            req = _Request(job, [_Row(job, i) for i in range(job.n)], [heapq.heappop(self._free) for _ in range(job.n)])
+            try:
+                req.embeds, _ = self.assistant.prepare([job.turns], [job.images])
+                p = req.embeds.shape[1]
+                if p + job.settings.max_new_tokens - 1 > self.max_len:
+                    raise ValueError(f"prompt of {p} tokens + max_tokens {job.settings.max_new_tokens} exceeds the "
+                                     f"server's {self.max_len} positions per answer")
+                req.procs = processors(job.settings)
+                if job.settings.do_sample and job.settings.seed is not None:
+                    req.generator = torch.Generator(self.decoder.device).manual_seed(job.settings.seed)
+            except Exception as exc:  # noqa: BLE001 -- any error here is this request's, reported to it
+                log.warning("request refused before decoding: %s", exc)
+                self._fail(req, exc)
+                continue
+            return req
+        return None
+
+    def _prefill_chunk(self, req: _Request, budget: int) -> int:
+        """Prefill up to `budget` more prompt tokens of `req`; on the last chunk its rows start decoding."""
+        p = req.embeds.shape[1]
+        t = min(budget, p - req.prefilled)
+        try:
+            logits = self.decoder.prefill(req.slots[0], req.embeds[:, req.prefilled:req.prefilled + t], req.prefilled)
+            req.prefilled += t
+            if req.prefilled == p:
+                for slot in req.slots[1:]:
+                    self.decoder.copy_slot(req.slots[0], slot, p)
+                first = self._choose([(row, req) for row in req.rows], logits.expand(len(req.rows), -1))
+        except Exception as exc:  # noqa: BLE001 -- reported to its request, the others go on
+            log.warning("prefill failed: %s", exc)
+            self._prefill = None
+            self._fail(req, exc)
+            return max(t, 1)
+        if req.failed:  # its sampling failed (and reported)
+            self._prefill = None
+        elif req.prefilled == p:
+            self._prefill = None
+            req.embeds = None  # the cache holds the prompt now
+            for row, slot, token in zip(req.rows, req.slots, first, strict=True):
+                self._active[slot] = _Active(row, req, token, p)
+                self._accept(slot, token)
+        return t
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode_step(self) -> None:
+        dec = self.decoder
+        width = max(self._active) + 1
+        tokens, live = [0] * width, [0] * width
+        for slot, a in self._active.items():
+            tokens[slot], live[slot] = a.token, 1
+        dec.tok[:width, 0] = torch.tensor(tokens)
+        dec.live[:width, 0] = torch.tensor(live)
+        self.most_rows = max(self.most_rows, len(self._active))
+        try:
+            logits = dec.decode(width, max(a.pos for a in self._active.values()) + 1)
+        except Exception as exc:  # one forward pass over every row: all of them are affected
+            log.exception("decode step over %d rows failed", len(self._active))
+            self._fail_all(exc, prefill=False)  # the request being prefilled was not in the step
+            return
+        self.steps += 1
+        order = sorted(self._active, key=lambda s: self._active[s].row.index)  # a shared generator draws in row order
+        chosen = self._choose([(self._active[s].row, self._active[s].request) for s in order],
+                              logits[torch.tensor(order, device=logits.device)])
+        for slot, token in zip(order, chosen, strict=True):
+            a = self._active.get(slot)
+            if a is not None:  # None: its request failed while choosing
+                a.pos += 1
+                a.token = token
+                self._accept(slot, token)
+
+    def _choose(self, rows: list[tuple[_Row, _Request]], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits row (-1 for a row whose request failed).
+
+        Rows that need neither their own generator nor their own history (greedy, or unseeded sampling without a
+        repetition penalty) go in groups of equal settings, one processors call and one draw per group; the others
+        one by one. A group that raises is retried row by row, so that the failure reaches its own request.
+        """
+        out: list[int | None] = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, req) in enumerate(rows):
+            s = req.job.settings
+            if req.generator is None and s.repetition_penalty == 1.0 and not req.failed:
+                groups.setdefault((s.do_sample, s.temperature, s.top_k, s.top_p), []).append(i)
+        for (do_sample, *_), idx in groups.items():
+            try:
+                scores = logits[torch.tensor(idx, device=logits.device)]
+                procs = rows[idx[0]][1].procs
+                if procs:
+                    scores = procs(torch.empty(len(idx), 0, dtype=torch.long, device=logits.device), scores)
+                picked = torch.multinomial(scores.softmax(-1), 1)[:, 0] if do_sample else scores.argmax(-1)
+            except Exception as exc:  # noqa: BLE001 -- retried row by row below, which attributes it
+                log.debug("sampling a group of %d rows failed (%s); row by row", len(idx), exc)
+                continue
+            for i, token in zip(idx, picked.tolist(), strict=True):
+                out[i] = token
+        for i, (row, req) in enumerate(rows):
+            if out[i] is not None or req.failed:
+                continue
+            try:
+                ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
+                scores = req.procs(ids, logits[i:i + 1])
+                if req.job.settings.do_sample:
+                    out[i] = int(torch.multinomial(scores.softmax(-1), 1, generator=req.generator))
+                else:
+                    out[i] = int(scores.argmax(-1))
+            except Exception as exc:  # noqa: BLE001 -- reported to its request, the others go on
+                log.warning("sampling failed: %s", exc)
+                self._fail(req, exc)
+        return [t if t is not None else -1 for t in out]
+
+    def _accept(self, slot: int, token: int) -> None:
+        """Stream the token of the row in `slot`; free the slot once the row is done."""
+        a = self._active[slot]
+        a.row.advance(token, self.assistant.tokenizer, self.assistant.template.stop_token_ids)
+        if a.row.done:
+            self._release(slot)
+
+    # ------------------------------------------------------------------ leaving
+
+    def _release(self, slot: int) -> None:
+        self._active.pop(slot, None)
+        self.decoder.live[slot] = 0
+        self.decoder.pos[slot] = 0  # a free slot must never write past the cache while it idles in a step
+        heapq.heappush(self._free, slot)
+        self.rows_run += 1
+
+    def _drop_cancelled(self) -> None:
+        for slot in [s for s, a in self._active.items() if a.row.job.cancelled]:
+            self._active[slot].row.done = True
+            self._release(slot)
+        if self._prefill is not None and self._prefill.job.cancelled:
+            req, self._prefill = self._prefill, None
+            for row, slot in zip(req.rows, req.slots, strict=True):
+                row.done = True
+                self._release(slot)
+
+    def _fail(self, req: _Request, exc: BaseException) -> None:
+        """End all rows of `req` with one Failure event (a request fails whole, as in the static batcher)."""
+        if req.failed:
+            return
+        req.failed = True
+        for row, slot in zip(req.rows, req.slots, strict=True):
+            if not row.done:  # a row that is done gave its slot back already
+                row.done = True
+                self._release(slot)
+        req.job.on_event(Failure(exc))

@@ -1,0 +1,117 @@
+"""A FastDecoder whose batch rows are independent slots: the decoder of continuous batching (serve/scheduler.py).
+
+    dec = SlotDecoder(model.llm, slots=64, max_len=2048)
+    logits = dec.prefill(slot=3, embeds=prompt_embeds[:, 0:256], start=0)      # chunk 1 of a prompt
+    logits = dec.prefill(slot=3, embeds=prompt_embeds[:, 256:300], start=256)  # last chunk: next-token logits
+    dec.tok[3] = first_token; dec.live[3] = 1
+    logits = dec.decode(width=4)   # one token for slots 0..3 (live ones advance), logits (4, vocab)
+
+Each slot holds one sequence from cache column 0 without padding, so a row's cache column equals its rotary
+position and its tokens are those it would get decoded alone. A decode step writes every row's K/V at its own
+column (`pos`) and masks each row to its own columns, so rows of any lengths share a step, a slot that is freed is
+reused by overwriting it, and a prompt is prefilled in chunks into one slot between decode steps of the others.
+Shapes depend only on (rows, attended columns), both bucketed to powers of two, so on CUDA each bucket's step is
+captured once as a CUDA graph and replayed; sampling happens outside the graph on the logits it leaves behind.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fastdecode import FastDecoder
+
+MIN_KV = 128
+"""The smallest attended-column bucket: fewer graphs for short sequences, little work wasted on masked columns."""
+
+
+def bucket(n: int, smallest: int, largest: int) -> int:
+    """The power of two (at least `smallest`) that holds n, capped at `largest`."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest)
+
+
+class SlotDecoder(FastDecoder):
+    """Slots 0..slots-1 of a static KV cache, each with its own length; not thread-safe (one scheduler drives it)."""
+
+    def __init__(self, llm: nn.Module, slots: int, max_len: int, cuda_graph: bool | None = None,
+                 fuse: bool = False, compile: bool | str = False) -> None:
+        super().__init__(llm, max_batch=slots, max_len=max_len, cuda_graph=cuda_graph, fuse=fuse, compile=compile)
+        vocab = self.lm_head.weight.shape[0]
+        with torch.device(self.device):
+            self.live = torch.zeros(slots, 1, dtype=torch.long)  # 1: the slot decodes, its position advances
+            self.logits = torch.zeros(slots, vocab, dtype=torch.float32)
+            self.cols = torch.arange(self.max_len)
+            self.zero = torch.zeros((), dtype=self.dtype)
+            self.masked = torch.full((), self.neg, dtype=self.dtype)
+        self._row0 = 0  # first cache row `_write_kv` addresses (prefill writes one slot)
+        mode = compile if isinstance(compile, str) else None
+        self._step = torch.compile(self._slot_step, dynamic=False, mode=mode) if compile else self._slot_step
+
+    def _write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor,
+                  slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = k.shape[0]
+        keys, values = self.keys[i, self._row0:self._row0 + b], self.values[i, self._row0:self._row0 + b]
+        if slots.dim() == 1:  # prefill: the same columns for the (one) row
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+        else:  # decode: one new token per row, each at its own column
+            rows, cols = torch.arange(b, device=k.device), slots[:, 0]
+            keys[rows, :, cols] = k[:, :, 0]
+            values[rows, :, cols] = v[:, :, 0]
+        return keys, values
+
+    def _slot_step(self, width: int, kv_len: int) -> None:
+        """Logits of the next token for rows [0, width), attending to columns [0, kv_len): fixed buffers only."""
+        pos = self.pos[:width]
+        visible = self.cols[:kv_len].view(1, 1, 1, kv_len) <= pos.view(width, 1, 1, 1)
+        bias = torch.where(visible, self.zero, self.masked)
+        logits = self._logits(self.embed(self.tok[:width]), pos, pos, bias, kv_len)
+        self.logits[:width].copy_(logits)
+        pos.add_(self.live[:width])
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.tok, self.pos, self.logits]
+
+    # ------------------------------------------------------------------ what the scheduler calls
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """Run prompt positions [start, start + T) of `slot` (embeds (1, T, d)); their K/V stay in the slot.
+
+        Returns the next-token logits after the chunk (1, vocab); the slot's position is set to the chunk's end.
+        """
+        t = embeds.shape[1]
+        end = start + t
+        if end > self.max_len:
+            raise ValueError(f"prompt of {end} positions exceeds the slot length {self.max_len}")
+        positions = torch.arange(start, end, device=self.device)
+        visible = self.cols[:end][None, :] <= positions[:, None]
+        bias = torch.where(visible, self.zero, self.masked)[None, None]
+        self._row0 = slot
+        try:
+            logits = self._logits(embeds.to(self.device, self.dtype), positions[None], positions, bias, end)
+        finally:
+            self._row0 = 0
+        self.pos[slot, 0] = end
+        return logits
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Give `dst` the prompt cache of `src` (the n answers of one request share one prefill)."""
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
+        self.pos[dst] = self.pos[src]
+
+    @torch.inference_mode()
+    def decode(self, width: int, kv_len: int) -> torch.Tensor:
+        """One step for slots [0, width) attending to [0, kv_len) (buckets of both keep the graphs few); live
+        slots advance. Returns the logits buffer's rows (width, vocab), valid until the next step."""
+        width = bucket(width, 1, self.max_batch)
+        kv_len = bucket(kv_len, MIN_KV, self.max_len)
+        if self.cuda_graph:
+            self._graph(width, kv_len).replay()
+        else:
+            self._step(width, kv_len)
+        return self.logits[:width]

@@ -1,0 +1,37 @@
+"""`minigpt4qwen bench serve` on tiny presets (CPU): both batching modes behind the real HTTP server report complete,
+consistent records (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minigpt4qwen import bench
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+def test_bench_serve_reports_both_modes_per_level(tmp_path):
+    out = tmp_path / "serve.jsonl"
+    argv = ["serve", "--device", "cpu", "--serve-clients", "1,4", "--serve-tokens", "8", "--serve-requests", "2",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    recs = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for mode in ("static", "continuous"):
+        assert recs[f"serve-{mode}-warmup"]["ok"] == 4  # the warm-up runs the highest level once
+        for clients in (1, 4):
+            r = recs[f"serve-{mode}-c{clients}"]
+            assert r["mode"] == mode and r["clients"] == clients and r["max_tokens"] == 8
+            assert r["ok"] == r["requests"] == 2 * clients and r["failed"] == 0, r["errors"]
+            assert len(r["tokens_per_request"]) == r["ok"] and sum(r["tokens_per_request"]) == r["output_tokens"]
+            assert all(0 <= t <= 8 for t in r["tokens_per_request"])
+            # every request ran to max_tokens unless the model ended its turn first
+            assert sum(t == 8 for t in r["tokens_per_request"]) == r["ok"] - r["stopped_early"]
+            assert r["tokens_per_s"] == pytest.approx(r["output_tokens"] / r["wall_s"], rel=1e-3)
+            for key in ("ttft_p50_s", "ttft_p95_s", "itl_p95_s", "wall_s", "peak_mem_gib"):
+                assert key in r
+            assert r["ttft_p50_s"] is not None and r["itl_p95_s"] is not None  # every request streamed text
+            assert r["ttft_p50_s"] <= r["ttft_p95_s"]
+    assert not any("error" in r for r in recs.values())

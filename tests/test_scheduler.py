@@ -1,0 +1,292 @@
+"""Continuous batching (serve/scheduler.py) on the tiny model, CPU: requests join and leave a running decode batch.
+
+Each test fails if its property breaks; progress is observed by decode steps and events, never by wall time (the
+deadlines only end a failing test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from serving import running_server, until
+
+from minigpt4qwen.data.conversation import ChatTemplate, Turn
+from minigpt4qwen.data.images import ImageLimits
+from minigpt4qwen.serve.api import ServeOptions, build_app
+from minigpt4qwen.serve.batcher import Delta, Failure, Finish, Job
+from minigpt4qwen.serve.generate import Assistant, GenerationSettings
+from minigpt4qwen.serve.scheduler import Scheduler
+from minigpt4qwen.serve.schema import ApiError, ChatRequest
+from minigpt4qwen.serve.session import first_turn
+
+KEY = "test-secret"
+
+
+@pytest.fixture(scope="module")
+def images(shapes_data) -> list[Path]:
+    return sorted((shapes_data / "images").glob("*.png"))[:4]
+
+
+@pytest.fixture
+def no_end_of_turn(monkeypatch):
+    """The model never ends its turn: a row runs for exactly its max_tokens."""
+    monkeypatch.setattr(ChatTemplate, "stop_token_ids", property(lambda self: []))
+
+
+@dataclass
+class Log:
+    """Every event of every job, in the order the worker emitted them, with the decode step it came at."""
+
+    scheduler: Scheduler
+    events: list[tuple[str, int, object]] = field(default_factory=list)
+
+    def job(self, name: str, question: str, image: Path, n: int = 1, stop: list[str] | None = None,
+            **settings) -> Job:
+        s = GenerationSettings(**{"max_new_tokens": 8, **settings})
+        turns = [Turn("user", first_turn(question, 1))]
+        return Job(turns, [str(image)], s, lambda ev: self.events.append((name, self.scheduler.steps, ev)), n=n,
+                   stop=stop or [])
+
+    def of(self, name: str, kind: type | None = None) -> list:
+        return [(step, ev) for who, step, ev in self.events if who == name and (kind is None or isinstance(ev, kind))]
+
+    def finished(self, *names: str) -> bool:
+        return all(self.of(n, Finish) or self.of(n, Failure) for n in names)
+
+    def answer(self, name: str) -> tuple[str, int, str]:
+        [(_, fin)] = self.of(name, Finish)
+        assert "".join(d.text for _, d in self.of(name, Delta)) == fin.text  # the stream adds up to the answer
+        return fin.text, fin.completion_tokens, fin.reason
+
+
+def alone(assistant: Assistant, question: str, image: Path, **settings) -> tuple[str, int, str]:
+    scheduler = Scheduler(assistant, max_batch=1)
+    log = Log(scheduler)
+    scheduler.submit(log.job("x", question, image, **settings))
+    until(lambda: log.finished("x"), "the request alone")
+    scheduler.close()
+    return log.answer("x")
+
+
+def hf(assistant: Assistant, question: str, image: Path, **settings) -> str:
+    """The shared generation path (HF generate), which `minigpt4qwen chat --query` answers with."""
+    s = GenerationSettings(**{"max_new_tokens": 8, **settings})
+    return assistant.generate([[Turn("user", first_turn(question, 1))]], [[str(image)]], s)[0]
+
+
+QUESTIONS = ["What is in the image?", "How many shapes are there, and what colours do they have?", "Colour?",
+             "Describe the picture in one short sentence, please."]
+
+
+def test_greedy_rows_joining_at_different_times_get_their_answers_alone(assistant, images):
+    lengths = [5, 11, 7, 9]
+    wanted = [alone(assistant, q, img, max_new_tokens=m) for q, img, m in zip(QUESTIONS, images, lengths)]
+    for (text, _, _), q, img, m in zip(wanted, QUESTIONS, images, lengths):
+        assert text == hf(assistant, q, img, max_new_tokens=m)  # = `chat --query`
+    scheduler = Scheduler(assistant, max_batch=4, prefill_chunk=16)  # prompts of ~100 tokens: prefilled in chunks
+    log = Log(scheduler)
+    for i, (q, img, m) in enumerate(zip(QUESTIONS, images, lengths)):
+        scheduler.submit(log.job(str(i), q, img, max_new_tokens=m))
+        until(lambda i=i: scheduler.steps >= 2 * (i + 1) or log.finished(str(i)), "a step before the next joins")
+    until(lambda: log.finished(*map(str, range(4))), "all answers")
+    scheduler.close()
+    assert [log.answer(str(i)) for i in range(4)] == wanted
+    assert scheduler.most_rows >= 2 and scheduler.slots_in_use == 0
+
+
+def test_a_request_joining_mid_stream_streams_before_the_running_one_ends(assistant, images, no_end_of_turn):
+    """The newcomer's prompt is prefilled in chunks with a decode step of the running answer between any two, and
+    its answer streams (and ends) while the running one is still decoding."""
+    scheduler = Scheduler(assistant, max_batch=4, prefill_chunk=16)
+    log = Log(scheduler)
+    scheduler.submit(log.job("long", QUESTIONS[0], images[0], max_new_tokens=40))
+    until(lambda: scheduler.steps >= 3, "the long answer to be decoding")
+    prefill, chunk_steps = scheduler.decoder.prefill, []
+
+    def recording(slot, embeds, start):
+        chunk_steps.append(scheduler.steps)
+        return prefill(slot, embeds, start)
+
+    scheduler.decoder.prefill = recording
+    scheduler.submit(log.job("short", QUESTIONS[1], images[1], max_new_tokens=4))
+    until(lambda: log.finished("long", "short"), "both answers")
+    scheduler.close()
+    (long_end, long_fin), = log.of("long", Finish)
+    short_first = log.of("short")[0][0]
+    assert long_fin.completion_tokens == 40 and log.answer("short")[1] == 4
+    assert short_first < long_end  # the newcomer streamed while the long answer was still decoding
+    order = [who for who, _, ev in log.events if isinstance(ev, Finish)]
+    assert order == ["short", "long"] and scheduler.most_rows == 2
+    assert len(chunk_steps) >= 3 and chunk_steps == sorted(set(chunk_steps))  # a decode step between two chunks
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(assistant, images):
+    sampled = {"do_sample": True, "temperature": 0.9, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8}
+    first = alone(assistant, QUESTIONS[0], images[0], seed=5, **sampled)
+    assert first == alone(assistant, QUESTIONS[0], images[0], seed=5, **sampled)
+    assert first[0] == hf(assistant, QUESTIONS[0], images[0], seed=5, **sampled)  # generate after manual_seed(5)
+    penalised = alone(assistant, QUESTIONS[2], images[2], repetition_penalty=1.5)
+    assert penalised[0] == hf(assistant, QUESTIONS[2], images[2], repetition_penalty=1.5)
+    scheduler = Scheduler(assistant, max_batch=4)
+    log = Log(scheduler)
+    scheduler.submit(log.job("other-seed", QUESTIONS[1], images[1], seed=6, **sampled))
+    scheduler.submit(log.job("unseeded", QUESTIONS[3], images[3], **sampled))
+    until(lambda: scheduler.steps >= 2, "a batch already decoding")
+    scheduler.submit(log.job("seeded", QUESTIONS[0], images[0], seed=5, **sampled))
+    scheduler.submit(log.job("penalised", QUESTIONS[2], images[2], repetition_penalty=1.5))
+    until(lambda: log.finished("other-seed", "unseeded", "seeded", "penalised"), "all answers")
+    scheduler.close()
+    assert log.answer("seeded") == first and log.answer("penalised") == penalised
+
+
+def test_stop_strings_max_tokens_and_n_per_row(assistant, images):
+    sampled = {"do_sample": True, "temperature": 1.0, "top_k": 0, "seed": 3, "max_new_tokens": 12}
+    base, _, _ = alone(assistant, QUESTIONS[0], images[0], **sampled)
+    stop = next(ch for i, ch in enumerate(base) if i > 0 and ch.isalnum())  # cuts somewhere inside the answer
+    greedy, _, _ = alone(assistant, QUESTIONS[0], images[0], max_new_tokens=12)
+    scheduler = Scheduler(assistant, max_batch=8)
+    log = Log(scheduler)
+    scheduler.submit(log.job("cut", QUESTIONS[0], images[0], stop=[stop], **sampled))
+    scheduler.submit(log.job("three", QUESTIONS[1], images[1], max_new_tokens=3))
+    scheduler.submit(log.job("pair", QUESTIONS[0], images[0], n=2, max_new_tokens=12))
+    until(lambda: log.finished("cut", "three", "pair"), "all answers")
+    scheduler.close()
+    assert log.answer("cut")[0] == base[: base.index(stop)].rstrip() and log.answer("cut")[2] == "stop"
+    _, tokens, reason = log.answer("three")
+    assert tokens <= 3 and (reason == "length") == (tokens == 3)
+    pair = [ev for _, ev in log.of("pair", Finish)]
+    assert sorted(f.index for f in pair) == [0, 1] and {f.text for f in pair} == {greedy}  # one prefill, two rows
+
+
+def test_a_failing_request_fails_alone(assistant, images):
+    scheduler = Scheduler(assistant, max_batch=4)
+    log = Log(scheduler)
+    good = log.job("good", QUESTIONS[0], images[0])
+    bad = log.job("bad", QUESTIONS[0], images[0])
+    bad.images = []  # an image marker without its image: the template refuses it when the request joins
+    scheduler.submit(good)
+    scheduler.submit(bad)
+    scheduler.submit(log.job("after", QUESTIONS[1], images[1]))
+    until(lambda: log.finished("good", "bad", "after"), "all answers")
+    scheduler.close()
+    assert [type(ev) for _, ev in log.of("bad")] == [Failure]
+    assert log.answer("good") == alone(assistant, QUESTIONS[0], images[0])
+    assert not log.of("after", Failure) and scheduler.slots_in_use == 0
+
+
+def test_a_cancelled_request_frees_its_slot(assistant, images, no_end_of_turn):
+    scheduler = Scheduler(assistant, max_batch=1)
+    log = Log(scheduler)
+    talker = log.job("talker", QUESTIONS[0], images[0], max_new_tokens=1500)
+    scheduler.submit(talker)
+    until(lambda: scheduler.steps >= 3, "the first request to decode")
+    scheduler.submit(log.job("next", QUESTIONS[1], images[1], max_new_tokens=3))
+    assert scheduler.slots_in_use == 1 and not log.of("next")
+    talker.cancelled = True
+    until(lambda: log.finished("next"), "the next request, in the freed slot")
+    scheduler.close()
+    assert log.answer("next")[1] == 3 and not log.of("talker", Finish)  # it never ran to its end
+    assert scheduler.steps < 1500 and scheduler.slots_in_use == 0
+
+
+def test_a_client_that_disconnects_frees_its_slot_for_the_next(assistant, images, no_end_of_turn):
+    """Over HTTP with one slot: the next request is served only if the abandoned one gave its slot back."""
+    options = ServeOptions(api_key=KEY, max_batch=1, limits=ImageLimits(max_bytes=64 * 1024, max_pixels=128 * 128),
+                           batching="continuous")
+    app = build_app(assistant, options)
+    scheduler = app.state.service.batcher
+    assert isinstance(scheduler, Scheduler)
+    body = json.dumps({"model": "minigpt4qwen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000,
+                       "temperature": 0, "stream": True}).encode()
+    with running_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            until(lambda: scheduler.steps >= 5, "generation to start")
+            assert scheduler.slots_in_use == 1
+        until(lambda: scheduler.rows_run >= 1, "the abandoned row to end")
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "minigpt4qwen", "max_tokens": 3, "temperature": 0,
+                             "messages": [{"role": "user", "content": "hello"}]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert scheduler.steps < 500
+
+
+def test_serve_options_choose_the_batching(assistant):
+    from minigpt4qwen.serve.batcher import Batcher
+
+    assert isinstance(build_app(assistant, ServeOptions()).state.service.batcher, Batcher)  # the default
+    assert isinstance(build_app(assistant, ServeOptions(batching="continuous")).state.service.batcher, Scheduler)
+    with pytest.raises(ValueError, match="batching"):
+        build_app(assistant, ServeOptions(batching="dynamic"))
+    service = build_app(assistant, ServeOptions(max_batch=2, slot_len=300, batching="continuous")).state.service
+    assert service.context == 300  # a slot holds prompt + answer: max_tokens is checked against it
+    req = ChatRequest.model_validate({"model": "minigpt4qwen", "n": 3, "messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(ApiError) as err:  # n answers need n slots at once
+        asyncio.run(service.job(req, lambda ev: None))
+    assert err.value.status == 400 and err.value.param == "n"
+
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_slot_decoder_rows_equal_hf_greedy_alone(device):
+    """fp32: sequences of different lengths that join at different steps, are prefilled in chunks and reuse freed
+    slots get, step by step, HF's logits and greedy tokens for each sequence alone (on CUDA through the captured
+    graphs). Logits are compared, not only tokens: a random tiny model's argmax barely depends on attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minigpt4qwen.models.llm import LLM_PRESETS
+    from minigpt4qwen.serve.slots import SlotDecoder
+
+    kw = dict(LLM_PRESETS["tiny-qwen2"])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(cfg).to(device).eval().requires_grad_(False)
+    lengths, joins, new = [20, 7, 33, 12, 26], [0, 0, 3, 5, 9], [24, 10, 16, 24, 8]
+    prompts = [torch.randn(1, n, cfg.hidden_size, device=device) for n in lengths]
+    with torch.inference_mode():
+        ref = [llm.generate(inputs_embeds=e, attention_mask=torch.ones(1, e.shape[1], dtype=torch.long, device=device),
+                            max_new_tokens=m, min_new_tokens=m, do_sample=False, pad_token_id=0, eos_token_id=None,
+                            output_logits=True, return_dict_in_generate=True) for e, m in zip(prompts, new)]
+        dec = SlotDecoder(llm, slots=3, max_len=64, cuda_graph=device == "cuda", fuse=True)
+        got: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        active: dict[int, list] = {}  # slot -> [sequence, tokens, logits, position]
+        step, waiting = 0, list(range(len(prompts)))
+        while waiting or active:
+            for i in [i for i in waiting if joins[i] <= step]:
+                free = [s for s in range(3) if s not in active]
+                if not free:
+                    break
+                for start in range(0, lengths[i], 8):  # chunks of 8 positions
+                    logits = dec.prefill(free[0], prompts[i][:, start:start + 8], start)
+                active[free[0]] = [i, [int(logits.argmax())], [logits[0].clone()], lengths[i]]
+                waiting.remove(i)
+            width = max(active, default=-1) + 1
+            if width:
+                dec.live.zero_()
+                for slot, (_, toks, _, _) in active.items():
+                    dec.tok[slot, 0], dec.live[slot, 0] = toks[-1], 1
+                logits = dec.decode(width, max(entry[3] for entry in active.values()) + 1)
+                for slot, entry in list(active.items()):
+                    entry[1].append(int(logits[slot].argmax()))
+                    entry[2].append(logits[slot].clone())
+                    entry[3] += 1
+                    if len(entry[1]) == new[entry[0]]:
+                        got[entry[0]] = (entry[1], entry[2])
+                        del active[slot]
+                        dec.pos[slot] = 0
+            step += 1
+    for i, r in enumerate(ref):
+        tokens, logits = got[i]
+        assert tokens == r.sequences[0].tolist()
+        torch.testing.assert_close(torch.stack(logits), torch.cat(r.logits).float(), rtol=1e-4, atol=1e-4)
