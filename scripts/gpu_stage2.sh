@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stage 2 on 4 GPUs (FSDP2, 7B dims, ~1k-token conversations): the checkpoint wait, then the MFU levers one at a
+# time (batch 8 with activation checkpointing, batch 2 without, LoRA), each a `minigpt4qwen train` run under torchrun
+# through scripts/gpu_scale.py. One JSON line per run in OUT_DIR/*.txt.
+# Usage: bash scripts/gpu_stage2.sh [OUT_DIR]        (about 10-12 minutes on a 4x H100/H200 host)
+set -uo pipefail
+OUT=${1:-/tmp/minigpt4qwen-stage2}
+mkdir -p "$OUT"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+S2=(--gpus 4 --engines fsdp --samples 2000 --seq-min 768 --seq-max 1280 --steps 20 --mfu --out "$OUT/runs")
+FULL=(--set model.trainable.llm=full)
+CKPT=(--recompute --set train.grad_checkpointing_llm=true)
+run() {  # run NAME ARGS...: one gpu_scale.py invocation, its summary lines kept
+  local name=$1; shift
+  "$PY" scripts/gpu_scale.py "${S2[@]}" --tag="-$name" "$@" 2>&1 | grep -v '^{"partial' | tee "$OUT/$name.txt"
+  rm -rf "$OUT/runs/fsdp-4gpu-$name"  # 87 GB per full-LLM checkpoint: the disk holds about two
+}
+run save-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
+  --set train.keep_last=1
+run ckpt-b8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" --no-final-save
+run nockpt-b2 --batch-size 2 "${FULL[@]}" --no-final-save
+run lora-b8 --batch-size 8 --set model.trainable.llm=lora --no-final-save
