@@ -312,7 +312,9 @@ def run_demo(args) -> int:
     print(f"time by stage: {', '.join(f'{k} {v:.0f} s' for k, v in times.items())} "
           f"({steps_done} alignment steps)")
     print(f"demo took {time.time() - t_start:.0f} s (seed {seed})")
-    print(f"chat with it: minigpt4qwen chat --checkpoint {run_dir} --image {data / rows[0]['image']}")
-    print(f"run directory: {run_dir}")
+    # absolute paths: the command works from any folder (a run directory is relocatable, a relative path is not)
+    print(f"chat with it: minigpt4qwen chat --checkpoint {run_dir.resolve()} --image "
+          f"{(data / rows[0]['image']).resolve()}")
+    print(f"run directory: {run_dir.resolve()}")
     print(f"held-out accuracy: {acc:.3f} on {len(rows)} questions")
     return 0
