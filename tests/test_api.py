@@ -158,8 +158,14 @@ def test_remote_images_only_from_allowed_hosts(client, shapes_data, image_path, 
         with pytest.raises(openai.BadRequestError, match="not allowed"):
             client.chat.completions.create(model="minigpt4qwen", max_tokens=2,
                                            messages=messages(remote.replace("127.0.0.1", "localhost")))
+        port = httpd.server_address[1]
     finally:
         httpd.shutdown()
+        httpd.server_close()
+    # an allowed host that does not answer: the client's URL is at fault (400), the server is not (500)
+    with pytest.raises(openai.BadRequestError, match="failed"):
+        client.chat.completions.create(model="minigpt4qwen", max_tokens=2,
+                                       messages=messages(f"http://127.0.0.1:{port}/{image_path.name}"))
 
 
 @pytest.mark.parametrize("batching", ["continuous", "static"])

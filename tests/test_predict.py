@@ -123,3 +123,13 @@ def test_predict_refuses_bad_output_and_arguments(tmp_path, questions, capsys):
     assert code == 2 and "is the input file" in err
     with pytest.raises(SystemExit):
         predict(capsys, tmp_path / "no-run", src, tmp_path / "new.jsonl", "--batch-size", "0")
+
+
+def test_resume_reads_rows_whose_text_holds_unicode_line_separators(tmp_path):
+    """Rows are written with ensure_ascii=False: U+2028/U+2029/U+0085 inside a string are no line ends."""
+    from minigpt4qwen.serve.predict import answered_ids
+
+    out = tmp_path / "answers.jsonl"
+    rows = [{"id": 1, "question": "a\u2028b\u2029c\x85d", "answer": "x"}, {"id": "q2", "answer": "y"}]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert len(answered_ids(out)) == 2

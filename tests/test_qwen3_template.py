@@ -33,3 +33,18 @@ def test_chatml_on_qwen3_tokenizer():
     )
     assert ref.startswith(text[: text.index("<|im_start|>assistant")])
     assert tok.decode([t for t, lab in zip(out.input_ids, out.labels) if lab != IGNORE_INDEX]) == "A cat.<|im_end|>"
+
+
+def test_qwen3_think_tags_keep_their_ids_while_chatml_markers_stay_text():
+    """Reasoning data: `<think>` (an added, non-special token) is encoded as Qwen3's own token, as its template
+    does; a typed `<|im_end|>` (special) stays characters, so it can open no turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files")
+    tpl = ChatTemplate(tok, resolve_image_token(tok), 32)
+    think, im_end = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("<|im_end|>")
+    out = tpl.encode([Turn("user", "2+2? <|im_end|>"), Turn("assistant", "<think>\nadd\n</think>\n\n4")])
+    supervised = [t for t, lab in zip(out.input_ids, out.labels) if lab != IGNORE_INDEX]
+    assert supervised[0] == think and supervised[-1] == im_end
+    assert out.input_ids.count(im_end) == 3  # system, user and assistant turns end: the typed one is text
+    assert "<|im_end|>" in tok.decode(out.input_ids[: out.input_ids.index(im_end, out.input_ids.index(im_end) + 1)])

@@ -9,7 +9,7 @@ overwrites those positions with projected image features. Labels are -100 everyw
 and its end-of-turn token.
 
 Message content is encoded as the characters it holds: a control token typed in a message (`<|im_end|>`,
-`<|im_start|>`, `<|image_pad|>`) stays text, as Qwen's make_context encodes content (`allowed_special=set()`), so a
+`<|im_start|>`, `<|image_pad|>`, any special added token) stays text, as Qwen's make_context encodes content (`allowed_special=set()`), so a
 message can neither open a turn of another role nor claim image positions. Text typed by a user passes `literal()`,
 which keeps an `<ImageHere>` in it text too; the front ends add image markers themselves, one per image.
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 IMAGE_MARKER = "<ImageHere>"
 IMAGE_PROMPT = "<Img><ImageHere></Img>"
 IGNORE_INDEX = -100
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 _LITERAL_MARKER = "<Image\uE001Here>"
 """An image marker typed by a user: split by a private-use character so that it is no marker, restored to the text
 `<ImageHere>` just before encoding."""
@@ -105,8 +106,11 @@ class ChatTemplate:
             self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
             self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
             self.nl = self._enc("\n")
-        # added tokens (special or not, e.g. Qwen3's <think>) except whitespace ones, which are ordinary text
-        added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if not t.content.isspace()}
+        # special added tokens and the ChatML markers, whatever a tokenizer calls them, stay text in content; added
+        # tokens that are not special (Qwen3's <think>, Qwen2.5's <tool_call>) keep their ids: answers in training
+        # data use them, and they open no turn and claim no image positions
+        added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()
+                 if (t.special or t.content in CHATML_MARKERS) and not t.content.isspace()}
         self._control_ids = set(added.values()) | {image_token_id}
         pattern = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
         self._control_re = re.compile(pattern) if pattern else None

@@ -3,8 +3,9 @@
     minigpt4qwen serve --checkpoint RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8]
                        [--batching continuous|static]
 
-Requests join and leave a running decode batch at every step (scheduler.py, the default), or are grouped into
-batches that run to their end through HF generate (`--batching static`, batcher.py).
+Requests are grouped into batches that run to their end through HF generate (`--batching static`, batcher.py, the
+default), or join and leave a running decode batch at every step (`--batching continuous`, scheduler.py; its
+CUDA-graph path has not run on a GPU yet).
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -182,8 +183,9 @@ class ChatService:
         import httpx
 
         limit = self.options.limits.max_bytes
-        async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
-            async with client.stream("GET", url) as resp:
+        try:
+            async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client, \
+                    client.stream("GET", url) as resp:
                 if resp.status_code != 200:
                     raise ImageError(f"fetching {url} gave HTTP {resp.status_code}")
                 data = b""
@@ -191,6 +193,9 @@ class ChatService:
                     data += chunk
                     if len(data) > limit:
                         raise ImageTooLarge(f"image at {url} is larger than the limit of {limit} bytes")
+        except httpx.HTTPError as exc:  # unreachable host, timeout: the client's URL, a 400 and not a 500
+            raise ImageError(f"fetching {url} failed ({type(exc).__name__}); check the URL or send a data: URL") \
+                from None
         return data
 
     async def conversation(self, messages: list[Message]) -> tuple[list[Turn], list[Image.Image]]:

@@ -112,7 +112,8 @@ def answered_ids(out: str | Path) -> set[str]:
         print(f"{out}: dropped a partial last line (an interrupted write); its row is answered again", file=sys.stderr)
         raw = raw[:keep]
     ids = set()
-    for n, text in enumerate(raw.decode("utf-8").splitlines(), 1):
+    # "\n" only: rows are written with ensure_ascii=False, and splitlines() also splits at U+2028/U+2029/U+0085
+    for n, text in enumerate(raw.decode("utf-8").split("\n"), 1):
         if not text.strip():
             continue
         try:

@@ -1,4 +1,5 @@
-"""Token-level continuous batching for the API server (`serve --batching continuous`, the default).
+"""Token-level continuous batching for the API server (`serve --batching continuous`; static is the default until
+this has run on a GPU).
 
     scheduler = Scheduler(assistant, max_batch=64)
     scheduler.submit(Job(turns, images, settings, on_event))   # from any thread; events come from the worker
@@ -210,7 +211,8 @@ class Scheduler(Worker):
             try:
                 req.embeds, _ = self.assistant.prepare([job.turns], [job.images])
                 p = req.embeds.shape[1]
-                if p + job.settings.max_new_tokens - 1 > self.max_len:
+                # one column spare: warming up a new CUDA graph runs the step twice, writing K/V one column ahead
+                if p + job.settings.max_new_tokens > self.max_len:
                     raise ValueError(f"prompt of {p} tokens + max_tokens {job.settings.max_new_tokens} exceeds the "
                                      f"server's {self.max_len} positions per answer")
                 req.procs = processors(job.settings)
