@@ -134,6 +134,11 @@ def test_circular_scores_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert submission[1].split("\t") == ["0", "What color is the ball?", "red", "blue", "green", "yellow", "B", "B",
                                          "dev"]
     assert submission[4].split("\t")[6] == "I think A is wrong"
+    from openpyxl import load_workbook
+
+    sheet = load_workbook(out / "submission.xlsx", read_only=True).active  # the file MMBench's server takes
+    cells = [["" if v is None else str(v) for v in row] for row in sheet.iter_rows(values_only=True)]
+    assert cells == [line.split("\t") for line in submission]
     assert json.loads((out / "summary.json").read_text()) == summary
     assert "| color | 100.00 | 2 |" in (out / "summary.md").read_text()
 

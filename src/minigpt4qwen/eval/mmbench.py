@@ -8,9 +8,8 @@ each question once per rotation of its options (the letters stay A, B, ...; the 
 every rotation is answered right. Answers are read by option letter (VLMEvalKit's rule), then by an exact match on
 an option's text. The test split has no ``answer`` column: then only the submission file is written.
 
-Outputs: ``answers.jsonl`` (LLaVA's answer format, one line per question and rotation), ``submission.tsv``
-(the columns of MMBench's submission .xlsx, written as TSV because openpyxl is not a dependency; open it in a
-spreadsheet and save as .xlsx to upload), ``summary.json`` and ``summary.md``.
+Outputs: ``answers.jsonl`` (LLaVA's answer format, one line per question and rotation), ``submission.xlsx`` (MMBench's
+submission columns, the file to upload) and the same table as ``submission.tsv``, ``summary.json`` and ``summary.md``.
 Rescore with ``python -m minigpt4qwen.eval.mmbench answers.jsonl --tsv FILE.tsv``.
 """
 
@@ -244,7 +243,8 @@ def format_table(summary: Mapping) -> str:
 
 def write_answers(out_dir: str | Path, questions: Sequence[Question], answers: Mapping[str, Sequence[str]],
                   circular: bool = True) -> None:
-    """answers.jsonl (LLaVA's fields, one line per rotation) and submission.tsv (MMBench's submission columns)."""
+    """answers.jsonl (LLaVA's fields, one line per rotation) and submission.xlsx + .tsv (MMBench's submission
+    columns)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -259,12 +259,20 @@ def write_answers(out_dir: str | Path, questions: Sequence[Question], answers: M
     (out_dir / "answers.jsonl").write_text("".join(lines), encoding="utf-8")
     columns = [c for c in questions[0].row if c not in _NOT_SUBMITTED]
     columns.insert(min(_PREDICTION_COLUMN, len(columns)), "prediction")
+    # Rotation 0 keeps the released letters, so its answer is the one MMBench's server can check.
+    rows = [[answers[q.index][0] if c == "prediction" else q.row[c] for c in columns] for q in questions]
     with (out_dir / "submission.tsv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t")
         writer.writerow(columns)
-        for q in questions:
-            # Rotation 0 keeps the released letters, so its answer is the one MMBench's server can check.
-            writer.writerow([answers[q.index][0] if c == "prediction" else q.row[c] for c in columns])
+        writer.writerows(rows)
+    from openpyxl import Workbook  # the .xlsx the OpenCompass server takes; the TSV is for reading and diffing
+
+    book = Workbook(write_only=True)
+    sheet = book.create_sheet()
+    sheet.append(columns)
+    for row in rows:
+        sheet.append(row)
+    book.save(out_dir / "submission.xlsx")
 
 
 def read_answers(path: str | Path, questions: Sequence[Question]) -> dict[str, list[str]]:
