@@ -130,6 +130,35 @@ def save_due(step: int, total: int, steps_per_epoch: int, tc) -> bool:
     return bool(tc.save_every_epochs) and step % (steps_per_epoch * tc.save_every_epochs) == 0
 
 
+def _profiler(tc, run_dir: Path, dist_: Dist, start_step: int):
+    """torch.profiler over train.profile_steps = [first, count] (main process only), or None. Call .step() after
+    every optimizer step; the files are written when the last profiled step ends."""
+    if not tc.profile_steps or not dist_.main or tc.profile_steps[0] <= start_step:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    first, count = tc.profile_steps
+    out = run_dir / "profile"
+    device_sort = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+
+    def write(prof) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        avg = prof.key_averages()
+        (out / "ops.txt").write_text(
+            f"# optimizer steps {first}..{first + count - 1}, sorted by {device_sort}\n"
+            + avg.table(sort_by=device_sort, row_limit=40, max_name_column_width=60)
+            + "\n# sorted by self CPU time\n" + avg.table(sort_by="self_cpu_time_total", row_limit=25,
+                                                           max_name_column_width=60))
+        prof.export_chrome_trace(str(out / "trace.json"))
+        log.info("profile of steps %d..%d written to %s", first, first + count - 1, out)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    # step k of the schedule = the optimizer step start_step + k + 1; one warm-up step before recording
+    wait = first - start_step - 1
+    return profile(activities=activities, on_trace_ready=write, record_shapes=False,
+                   schedule=schedule(wait=max(wait - 1, 0), warmup=min(wait, 1), active=count, repeat=1))
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """After a resume, drop log lines written after the checkpoint (they will be produced again)."""
     if path.is_file():
@@ -363,6 +392,9 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
     bar = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True, file=sys.stderr,
                disable=not dist_.main)
     t0, samples0 = time.time(), state.samples
+    prof = _profiler(tc, run_dir, dist_, state.step)
+    if prof is not None:
+        prof.start()
     try:
         while state.step < total:
             epoch = state.step // steps_per_epoch
@@ -403,6 +435,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
                 lr = engine.lr
                 grad_norm = engine.step()
                 state.step += 1
+                if prof is not None:
+                    prof.step()
                 rate = (state.samples - samples0) / max(time.time() - t0, 1e-9)
                 if dist_.main:
                     row = {"step": state.step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
@@ -439,6 +473,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
             log.error("training stopped at step %d; the last checkpoint is step %d", state.step, last_saved)
         raise
     finally:
+        if prof is not None:
+            prof.stop()
         bar.close()
         if writer is not None:
             writer.close()
