@@ -210,9 +210,11 @@ def main() -> int:
             for slot, (e, k) in enumerate(wave):
                 name = f"{e}-{k}gpu{args.tag}"
                 procs.append((e, k, name, launch(name, e, list(range(slot * k, slot * k + k)), cfg, out, args.set)))
+            started = time.time()
             for e, k, name, proc in procs:
                 rc = wait(proc, out / name, args.stop_after_saves, args.steps if args.no_final_save else 0)
-                rec = {"engine": e, "gpus": k, "tag": args.tag, "rc": rc, **measure(out / name),
+                rec = {"engine": e, "gpus": k, "tag": args.tag, "rc": rc, "wall_s": round(time.time() - started, 1),
+                       **measure(out / name),
                        "overrides": args.set, "compile": args.compile, "batch_per_gpu": args.batch_size,
                        "device": torch.cuda.get_device_name(0) if n_dev else "cpu",
                        "date": time.strftime("%Y-%m-%d")}
