@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stage 2 on 4 GPUs (FSDP2, 7B dims, ~1k-token conversations): the checkpoint wait, then the MFU levers one at a
-# time (batch 8 with activation checkpointing, batch 2 without, LoRA), each a `minigpt4qwen train` run under torchrun
-# through scripts/gpu_scale.py. One JSON line per run in OUT_DIR/*.txt.
-# Usage: bash scripts/gpu_stage2.sh [OUT_DIR]        (about 10-12 minutes on a 4x H100/H200 host)
+# time (batch 8/16 with activation checkpointing, batch 2 without, padding to a multiple of 64, LoRA), each a
+# `minigpt4qwen train` run under torchrun through scripts/gpu_scale.py. One JSON line per run in OUT_DIR/*.txt; the
+# batch-4 run also writes a torch.profiler table and trace (OUT_DIR/profile-base-b4/).
+# Usage: bash scripts/gpu_stage2.sh [OUT_DIR]        (about 15-18 minutes on a 4x H100/H200 host)
 set -uo pipefail
 OUT=${1:-/tmp/minigpt4qwen-stage2}
 mkdir -p "$OUT"
@@ -13,10 +14,15 @@ CKPT=(--recompute --set train.grad_checkpointing_llm=true)
 run() {  # run NAME ARGS...: one gpu_scale.py invocation, its summary lines kept
   local name=$1; shift
   "$PY" scripts/gpu_scale.py "${S2[@]}" --tag="-$name" "$@" 2>&1 | grep -v '^{"partial' | tee "$OUT/$name.txt"
+  [ -d "$OUT/runs/fsdp-4gpu-$name/profile" ] && cp -r "$OUT/runs/fsdp-4gpu-$name/profile" "$OUT/profile-$name"
   rm -rf "$OUT/runs/fsdp-4gpu-$name"  # 87 GB per full-LLM checkpoint: the disk holds about two
 }
+PAD1=(--set data.pad_to_multiple_of=1)  # padding to the batch's longest row: the behaviour before 2026-11-28
 run save-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
   --set train.keep_last=1
-run ckpt-b8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" --no-final-save
-run nockpt-b2 --batch-size 2 "${FULL[@]}" --no-final-save
+run base-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save --set "train.profile_steps=[8,2]"
+run nockpt-b2 --batch-size 2 "${FULL[@]}" "${PAD1[@]}" --no-final-save
+run ckpt-b8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save
+run ckpt-b8-pad64 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" --no-final-save
+run ckpt-b16-pad64 --batch-size 16 "${FULL[@]}" "${CKPT[@]}" --no-final-save
 run lora-b8 --batch-size 8 --set model.trainable.llm=lora --no-final-save

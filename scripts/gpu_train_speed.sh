@@ -3,6 +3,7 @@
 # random Qwen-7B-dims LLM, projector only, bf16, batch 32, cached image features, with and without train.compile.
 # Prints one JSON line per run: steady-state samples/s over the last half of the steps (from log.jsonl elapsed_s).
 # Usage: bash scripts/gpu_train_speed.sh [OUT_DIR] [STEPS]        (about 3 minutes on one H100)
+#        EXTRA="train.fp8=tensorwise" bash scripts/gpu_train_speed.sh /tmp/fp8-speed   # overrides added to both runs
 set -uo pipefail
 OUT=${1:-/tmp/minigpt4qwen-train-speed}
 STEPS=${2:-40}
@@ -21,8 +22,9 @@ YAML
 for compile in false true; do
   name=compile-$compile
   rm -rf "$OUT/$name"
+  # shellcheck disable=SC2086  # EXTRA: space-separated overrides, split on purpose
   "$PY" -m minigpt4qwen train --config "$OUT/speed.yaml" "train.output_dir=$OUT/$name" "train.compile=$compile" \
-    >"$OUT/$name.log" 2>&1
+    ${EXTRA:-} >"$OUT/$name.log" 2>&1
   rc=$?
   "$PY" - "$OUT/$name" "$name" "$rc" <<'PYEOF'
 import json, sys

@@ -297,3 +297,15 @@ def test_profile_steps_write_an_op_table_and_a_trace(tmp_path, shapes_data):
     assert losses(run) == pytest.approx(losses(plain), rel=1e-6)
     with pytest.raises(ConfigError, match="profile_steps"):
         tiny_config(tmp_path / "bad", shapes_data, "train.profile_steps=[0,2]")
+
+
+def test_padding_to_a_multiple_keeps_the_losses(tmp_path, shapes_data):
+    """data.pad_to_multiple_of only adds masked positions: batches are a multiple wide, the losses stay the same."""
+    from minigpt4qwen.data.collate import collate
+
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "pixel_values": None, "truncated": False}], 0,
+                    multiple=8)
+    assert batch["input_ids"].shape == (1, 8) and batch["attention_mask"].sum() == 3
+    plain = train(tiny_config(tmp_path / "plain", shapes_data, "train.max_steps=3", "data.pad_to_multiple_of=1"))
+    padded = train(tiny_config(tmp_path / "pad", shapes_data, "train.max_steps=3", "data.pad_to_multiple_of=64"))
+    assert losses(padded) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_txt_len=128")
     t.set_defaults(fn=_train)
 
-    from .serve.args import add_compile_decode_arg
+    from .serve.args import add_compile_decode_arg, add_quantize_arg
     from .serve.cli import add_generation_args
 
     c = sub.add_parser("chat", help="chat about images in the terminal (streaming)")
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--query", help="ask once, print the answer and exit")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_compile_decode_arg(c)
+    add_quantize_arg(c)
     add_generation_args(c)
     c.set_defaults(fn=_chat)
 
@@ -172,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     from .eval.report import EvalOptionError
     from .models.convert import CheckpointKeyError
     from .models.minigpt4qwen import CheckpointMismatchError
+    from .serve.quantize import QuantizeError
 
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, BadSampleError, ImageError, OverlongError, CheckpointMismatchError, CheckpointKeyError,
-            EvalOptionError, FileNotFoundError, FileExistsError) as exc:
+            EvalOptionError, QuantizeError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@
     minigpt4qwen bench train --variants seed-style,fast-cached  # a subset (names: see train.parse_train_variant)
     minigpt4qwen bench all --device cpu                         # tiny presets: proves it runs (CI), no timings
     minigpt4qwen bench eval --suite all --preset 7b             # `eval all` on official-size synthetic files
+    minigpt4qwen bench fp8-gate --budget-s 1800                 # train.fp8 against bf16: final loss, greedy answers
 
 The seed-style baseline and our paths run in one process on one model (built once, by the same `build_model` that
 `train` uses) and on the same synthetic samples: text tokens per sample uniform in [--seq-min, --seq-max], 32 image

@@ -13,15 +13,17 @@ from .common import Bench
 from .eval import EVAL_VARIANTS, SUITES, eval_section, suite_section
 from .generate import GENERATE_VARIANTS, generate_section
 from .serve import serve_section
-from .train import DEFAULT_TRAIN, objective_check, parse_train_variant, probe_memory, train_variant
+from .train import DEFAULT_TRAIN, fp8_gate, objective_check, parse_train_variant, probe_memory, train_variant
 
 PRESETS = {"7b": ("eva-vit-g", "blip2-qformer", "random:qwen-7b"), "tiny": ("tiny", "tiny", "random:tiny-qwen2")}
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """Options of `minigpt4qwen bench`; defaults marked 'cuda/cpu' differ so that CPU runs take seconds."""
-    p.add_argument("what", nargs="?", default="all", choices=("train", "generate", "eval", "serve", "all"),
-                   help="all = train + generate + eval; serve (the HTTP API under load) runs only when named")
+    p.add_argument("what", nargs="?", default="all",
+                   choices=("train", "generate", "eval", "serve", "fp8-gate", "all"),
+                   help="all = train + generate + eval; serve (the HTTP API under load) and fp8-gate (fp8 against "
+                        "bf16 training: final loss and greedy answers) run only when named")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default 7b on CUDA, tiny on CPU)")
     p.add_argument("--vision", help="vision preset (default eva-vit-g on CUDA, tiny on CPU)")
@@ -43,6 +45,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-tokens", type=int, help="new tokens of the batch-1 decode test (cuda 128 / cpu 8)")
     p.add_argument("--gen-prompt", type=int, default=64, help="text tokens of the decode prompt (+ image positions)")
     p.add_argument("--gen-repeats", type=int, help="timed decode runs (cuda 2 / cpu 1)")
+    p.add_argument("--gen-answers", type=int,
+                   help="prompts whose greedy answers quantized/compiled variants compare with bf16 (cuda 64 / cpu 2)")
     p.add_argument("--eval-questions", type=int, help="yes/no questions (cuda 2374 = MME / cpu 24)")
     p.add_argument("--eval-batch", type=int, help="questions per generate call (cuda 128 / cpu 8)")
     p.add_argument("--eval-new-tokens", type=int,
@@ -65,6 +69,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-tokens", type=int, help="serve: new tokens per request (cuda 128 / cpu 8)")
     p.add_argument("--serve-requests", type=int, help="serve: requests each client sends in turn (cuda 2 / cpu 1)")
     p.add_argument("--serve-prompt-budget", type=int, default=512, help="serve: prompt tokens a request may take")
+    p.add_argument("--gate-recipes", default="tensorwise,rowwise", help="fp8-gate: train.fp8 recipes, comma list")
+    p.add_argument("--gate-steps", type=int, help="fp8-gate: training steps per run (cuda 200 / cpu 6)")
+    p.add_argument("--gate-questions", type=int, help="fp8-gate: greedy-answered questions (cuda 512 / cpu 8)")
+    p.add_argument("--gate-lr", type=float, default=1e-4, help="fp8-gate: AdamW learning rate of the projector")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also append the JSON lines to this file")
 
@@ -73,9 +81,11 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namesp
     """Fill the device-dependent defaults (real size on CUDA, tiny and short on CPU)."""
     cuda = device.type == "cuda"
     table = {"batch_size": (32, 4), "steps": (10, 2), "warmup": (-1, 1), "gen_tokens": (128, 8), "gen_repeats": (2, 1),
+             "gen_answers": (64, 2),
              "eval_questions": (2374, 24), "eval_batch": (128, 8), "probe_max": (4096, 16),
              "mme_questions": (2374, 8), "pope_questions": (3000, 6), "mmbench_questions": (4377, 4),
-             "image_px": (640, 32), "serve_tokens": (128, 8), "serve_requests": (2, 1)}
+             "image_px": (640, 32), "serve_tokens": (128, 8), "serve_requests": (2, 1), "gate_steps": (200, 6),
+             "gate_questions": (512, 8)}
     filled = {k: v[0 if cuda else 1] for k, v in table.items() if getattr(args, k, None) is None}
     vision, qformer, llm = PRESETS[args.preset or ("7b" if cuda else "tiny")]
     filled.update({k: v for k, v in (("vision", vision), ("qformer", qformer), ("llm", llm))
@@ -84,6 +94,9 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namesp
     if args.steps < 1 or args.warmup < -1 or not 0 < args.seq_min <= args.seq_max:
         raise ValueError("need --steps >= 1, --warmup >= 0 (-1: one pass over the batches) and "
                          "0 < --seq-min <= --seq-max")
+    if args.gate_steps < 1 or args.gate_questions < 1 or not set(args.gate_recipes.split(",")) <= {
+            "tensorwise", "rowwise"}:
+        raise ValueError("need --gate-steps >= 1, --gate-questions >= 1 and --gate-recipes from tensorwise,rowwise")
     return args
 
 
@@ -117,7 +130,10 @@ def print_table(records: list[dict]) -> None:
     for r in records:
         vals = "".join(f"{r[c]:>15.4g}" if isinstance(r.get(c), float) else f"{'-':>15}" for c in cols)
         note = r.get("error") or ", ".join(f"{k}={r[k]}" for k in ("batch_size", "max_batch", "match_hf", "abs_diff",
-                                                                   "total_s", "ttft_p50_s", "itl_p95_s") if k in r)
+                                                                   "total_s", "ttft_p50_s", "itl_p95_s",
+                                                                   "loss_rel_diff", "answers_agree", "passed",
+                                                                   "answers_match_bf16", "llm_weight_gib")
+                                           if k in r)
         print(f"{r['variant']:<26}{vals}  {note}")
 
 
@@ -146,6 +162,8 @@ def run_bench(args: argparse.Namespace) -> int:
         suite_section(bench)
     if args.what == "serve":
         serve_section(bench)
+    if args.what == "fp8-gate":
+        fp8_gate(bench, [r.strip() for r in args.gate_recipes.split(",") if r.strip()])
     if args.probe_memory:
         for ckpt in (False, True):
             bench.attempt("memory-fast-ckpt" if ckpt else "memory-fast", partial(probe_memory, bench, ckpt))

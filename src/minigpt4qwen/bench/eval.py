@@ -19,6 +19,7 @@ import io
 import json
 import math
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from ..runs import make_template
 from ..serve.fastdecode import FastDecoder
 from ..serve.generate import Assistant
 from ..train.step import to_device
-from .common import Bench, collate_samples, timer
+from .common import Bench, collate_samples, log, timer
 from .generate import answer_ids, hf_generate
 
 EVAL_VARIANTS = ("eval-hf-generate", "eval-fast-decode", "eval-fast-decode-fused")
@@ -175,15 +176,18 @@ def suite_section(bench: Bench) -> None:
     chosen = BENCHMARKS if a.suite == "all" else (a.suite,)
 
     def run(root: Path) -> dict:
+        t_write = time.perf_counter()
         pool = image_pool(min(64, max(a.mme_questions, a.pope_questions, a.mmbench_questions)), a.image_px, a.seed)
         paths = {"mme_root": write_mme(root / "MME", a.mme_questions, pool) if "mme" in chosen else None}
         paths["pope_root"], paths["pope_images"] = write_pope(root / "POPE", a.pope_questions, pool) \
             if "pope" in chosen else (None, None)
         paths["mmbench_tsv"] = write_mmbench(root / "mmbench_dev.tsv", a.mmbench_questions, pool) \
             if "mmbench" in chosen else None
+        log.info("benchmark files written to %s in %.1f s", root, time.perf_counter() - t_write)
         stop = timer(bench.device)
         suite = read_suite(**paths)
         read_s = stop()
+        log.info("read in %.1f s; answering", read_s)
         template = make_template(Config(model=ModelConfig(num_query_tokens=a.num_query_tokens)), bench.tokenizer,
                                  bench.model.image_token_id)
         assistant = Assistant(bench.model, bench.tokenizer, template, ImageProcessor(bench.image_size, train=False))

@@ -18,8 +18,11 @@ import torch
 from ..models.minigpt4qwen import MiniGPT4Qwen
 from ..train import step as train_step  # micro_step looked up on the module: the loop's function, patchable
 from ..train.engines import param_groups
+from ..train.fp8 import convert_fp8, require_fp8_device, revert_fp8
+from ..train.liger import apply_liger, require_liger
 from ..train.step import autocast_ctx, supervised_tokens, to_device
 from .common import Bench, Sample, batch_order, collate_samples, is_oom, log, release, sync, timer
+from .generate import answer_ids, hf_generate
 
 DEFAULT_TRAIN = ("seed-style", "fast-padmax-ckpt-padmask", "fast-ckpt-padmask", "fast-padmask", "fast",
                  "fast-cached", "fast-cached-compile", "fast-cached-scompile")
@@ -39,6 +42,9 @@ class TrainMode:
     static_compile: bool = False
     pad_mask: bool = False
     batch_size: int | None = None
+    fp8: str = "off"
+    fp8_once: bool = False
+    liger: bool = False
 
     @property
     def compiled(self) -> bool:
@@ -51,13 +57,15 @@ class TrainMode:
 
 
 def parse_train_variant(name: str) -> TrainMode:
-    """`seed-style`, or `fast` plus any of -padmax -hfloss -ckpt -padmask -cached -compile -scompile -bN.
+    """`seed-style`, or `fast` plus any of -padmax -hfloss -ckpt -padmask -cached -compile -scompile -bN
+    -fp8-tensorwise -fp8-rowwise -once -liger.
 
     seed-style = fast-padmax-hfloss-ckpt-padmask: padded to seq-max + image positions, full-vocabulary logits and
     HF's loss, LLM activation checkpointing, a padding mask, vision every step. `fast` is `train`'s micro_step.
     -padmask keeps the padding mask (masked SDPA kernel) where micro_step drops it for right-padded batches;
     -compile = `layer.compile(dynamic=True)` per decoder layer; -scompile = static shapes (dynamic=False, batches
-    padded to a multiple of 64, every shape compiled during warm-up).
+    padded to a multiple of 64, every shape compiled during warm-up). -fp8-<recipe> = `train.fp8` (CUDA >= 8.9),
+    -once = `train.fp8_frozen=once`, -liger = `train.liger` (CUDA, liger-kernel installed).
     """
     if name == "seed-style":
         return TrainMode(pad_max=True, hf_loss=True, ckpt=True, pad_mask=True)
@@ -65,15 +73,23 @@ def parse_train_variant(name: str) -> TrainMode:
     if head != "fast":
         raise ValueError(f"unknown training variant {name!r}: use seed-style or fast[-padmax|-hfloss|-ckpt|...]")
     flags = {"padmax": "pad_max", "hfloss": "hf_loss", "ckpt": "ckpt", "cached": "cached", "compile": "compile",
-             "scompile": "static_compile", "padmask": "pad_mask"}
+             "scompile": "static_compile", "padmask": "pad_mask", "once": "fp8_once", "liger": "liger"}
     mode = TrainMode()
-    for t in tokens:
+    rest = iter(tokens)
+    for t in rest:
         if t in flags:
             mode = replace(mode, **{flags[t]: True})
+        elif t == "fp8":
+            recipe = next(rest, "")
+            if recipe not in ("tensorwise", "rowwise"):
+                raise ValueError(f"training variant {name!r}: -fp8 takes -tensorwise or -rowwise after it")
+            mode = replace(mode, fp8=recipe)
         elif t[:1] == "b" and t[1:].isdigit():
             mode = replace(mode, batch_size=int(t[1:]))
         else:
             raise ValueError(f"unknown part {t!r} in training variant {name!r}")
+    if mode.fp8_once and mode.fp8 == "off":
+        raise ValueError(f"training variant {name!r}: -once needs -fp8-tensorwise or -fp8-rowwise")
     return mode
 
 
@@ -118,22 +134,36 @@ def optimizer_step(bench: Bench, mode: TrainMode, optimizer: torch.optim.Optimiz
 
 @contextmanager
 def train_setup(model: MiniGPT4Qwen, mode: TrainMode) -> Iterator[None]:
-    """Checkpointing / compiled layers for one variant, undone afterwards so the next variant starts clean.
+    """Checkpointing / fp8 / Liger / compiled layers for one variant, in `train`'s order, undone afterwards so the
+    next variant starts clean.
 
     Checkpointing goes on before `model.train()`: HF recomputes a layer only in training mode, and MiniGPT4Qwen.train()
     keeps a frozen tower in train mode exactly when it is checkpointed (its dropout is 0, nothing else changes).
     """
-    if mode.ckpt:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    if mode.compiled:
-        model.compile_decoder_layers(dynamic=not mode.static_compile)
+    if mode.fp8 != "off":
+        require_fp8_device(model.device, f"variant -fp8-{mode.fp8}")
+    if mode.liger:
+        require_liger(model.device)
+    undo_liger = None
     try:
+        if mode.ckpt:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if mode.fp8 != "off":
+            convert_fp8(model, mode.fp8, "once" if mode.fp8_once else "recast")
+        if mode.liger:
+            undo_liger = apply_liger(model, layer_kernels=not mode.compiled)
+        if mode.compiled:
+            model.compile_decoder_layers(dynamic=not mode.static_compile)
         yield
     finally:
         if mode.ckpt:
             model.llm.gradient_checkpointing_disable()
         model.uncompile_decoder_layers()
+        if undo_liger is not None:
+            undo_liger()
+        if mode.fp8 != "off":
+            revert_fp8(model)
         model.eval()
 
 
@@ -250,6 +280,72 @@ def objective_check(bench: Bench) -> dict:
         seed_loss = float(seed_micro_step(model, padded, *args, hf_loss=True)) / n
         fast_loss = float(train_step.micro_step(model, tight, *args)) / n
     return {"seed_style_loss": seed_loss, "fast_loss": fast_loss, "abs_diff": abs(seed_loss - fast_loss)}
+
+
+GATE_LOSS_REL = 0.01
+GATE_AGREE = 0.98
+
+
+def fp8_gate(bench: Bench, recipes: list[str]) -> None:
+    """The fp8 quality gate: the same projector training run without fp8 and with each `train.fp8` recipe (same
+    start, same batches, --gate-steps steps of `fast-cached`, eager) must end with losses within 1% (mean per-token
+    loss of the last tenth of the steps), and the trained projectors' greedy answers to --gate-questions questions
+    (the same inference path, no fp8) must agree on >= 98%. One JSON line per recipe, with both numbers.
+
+    Random LLM weights give near-tied logits, where a tiny projector difference flips an answer: the agreement is
+    meaningful with real LLM weights (--llm DIR)."""
+    a, model = bench.args, bench.model
+    samples = bench.samples(a.batch_size * a.gate_steps, a.seed + 7)
+    images = bench.images(len(samples), a.seed + 7)
+    order = batch_order([s.tokens for s in samples], a.batch_size, by_length=True, seed=a.seed)
+    batches = train_batches(bench, samples, order, images, cached_features(model, images), None)
+    del images
+    questions = bench.samples(a.gate_questions, a.seed + 8, 50, 70, 0.0)
+    question_features = cached_features(model, bench.images(len(questions), a.seed + 8))
+    start = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    tail = max(1, a.gate_steps // 10)
+
+    def run(mode: TrainMode) -> tuple[list[float], list[list[int]]]:
+        model.load_partial(start, "the gate's starting projector")
+        step = optimizer_step(bench, mode, torch.optim.AdamW(param_groups(model, 0.05), lr=a.gate_lr))
+        with train_setup(model, mode):
+            losses = [float(step(b)) / supervised_tokens(b) for b in batches]
+        return losses, greedy_answers(bench, questions, question_features)
+
+    reference: list = []
+
+    def gate(recipe: str) -> dict:
+        if not reference:
+            reference.extend(run(TrainMode(cached=True)))
+        ref_losses, ref_answers = reference
+        losses, answers = run(TrainMode(cached=True, fp8=recipe))
+        ref_end, end = sum(ref_losses[-tail:]) / tail, sum(losses[-tail:]) / tail
+        rel = abs(end - ref_end) / abs(ref_end)
+        agree = sum(x == y for x, y in zip(answers, ref_answers, strict=True)) / len(answers)
+        return {"steps": a.gate_steps, "batch_size": a.batch_size, "ref_precision": bench.precision,
+                "loss_start": ref_losses[0], "loss_ref": ref_end, "loss_fp8": end, "loss_rel_diff": rel,
+                "answers_agree": agree, "questions": len(answers), "loss_ok": rel <= GATE_LOSS_REL,
+                "answers_ok": agree >= GATE_AGREE, "passed": rel <= GATE_LOSS_REL and agree >= GATE_AGREE}
+
+    try:
+        for recipe in recipes:
+            bench.attempt(f"fp8-gate-{recipe}", partial(gate, recipe))
+    finally:
+        model.load_partial(start, "the gate's starting projector")
+
+
+def greedy_answers(bench: Bench, questions: list[Sample], features: torch.Tensor) -> list[list[int]]:
+    """Greedy answer ids (--eval-new-tokens, default 8) of image questions, --eval-batch at a time, HF generate."""
+    a, model = bench.args, bench.model
+    model.eval()
+    eos, out = [bench.eos_id], []
+    with torch.inference_mode():
+        for i in range(0, len(questions), a.eval_batch):
+            b = to_device(collate_samples(questions[i : i + a.eval_batch], bench.pad_id, left=True), bench.device)
+            embeds = model.inputs_embeds(b["input_ids"], features=features[i : i + a.eval_batch])
+            rows = hf_generate(model, embeds, b["attention_mask"], a.eval_new_tokens or 8, eos, bench.pad_id)
+            out += [answer_ids(r, eos) for r in rows.cpu()]
+    return out
 
 
 def probe_memory(bench: Bench, ckpt: bool) -> dict:

@@ -12,11 +12,13 @@ def right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
 
 
-def pad(rows: list, value: int, length: int | None = None, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(rows: list, value: int, length: int | None = None, left: bool = False,
+        multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The one padding routine (training batches, the bench, batched generation): token rows -> an (N, L) long
     tensor filled with `value` where a row has no token, and its 0/1 attention mask. L is the longest row, or
-    `length` if larger (fixed shapes); `left` puts the padding before the tokens (generation)."""
+    `length` if larger (fixed shapes), rounded up to `multiple`; `left` puts the padding before the tokens."""
     width = max([length or 0, *(len(r) for r in rows)])
+    width = -(-width // multiple) * multiple
     out = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -26,15 +28,16 @@ def pad(rows: list, value: int, length: int | None = None, left: bool = False) -
     return out, mask
 
 
-def collate(items: list[dict | None], pad_id: int, length: int | None = None, left: bool = False) -> dict:
+def collate(items: list[dict | None], pad_id: int, length: int | None = None, left: bool = False,
+            multiple: int = 1) -> dict:
     """Skipped (None) items are dropped and counted in `skipped`. Padding: see `pad` (training uses the default,
     right padding to the batch's longest row)."""
     kept = [x for x in items if x is not None]
     batch: dict = {"skipped": len(items) - len(kept), "size": len(kept)}
     if not kept:
         return batch
-    ids, mask = pad([x["input_ids"] for x in kept], pad_id, length, left)
-    labels, _ = pad([x["labels"] for x in kept], IGNORE_INDEX, length, left)
+    ids, mask = pad([x["input_ids"] for x in kept], pad_id, length, left, multiple)
+    labels, _ = pad([x["labels"] for x in kept], IGNORE_INDEX, length, left, multiple)
     pixels = [x["pixel_values"] for x in kept if x["pixel_values"] is not None]
     feats = [x["features"] for x in kept if x.get("features") is not None]
     batch.update(

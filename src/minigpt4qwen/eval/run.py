@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..data.conversation import IMAGE_PROMPT, Turn
 from ..data.images import load_image
+from ..serve.args import add_quantize_arg
 from . import mmbench, pope, suite
 from .mme import DEFAULT_SUFFIX, evaluate_mme, format_table, read_mme
 from .report import EvalOptionError, Request, at_least_one
@@ -60,6 +61,7 @@ def _checkpoint_args(p, batch_size: int, max_new_tokens: int | None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help="answer length limit" + ("" if max_new_tokens else " (default: mme 8, pope 16, mmbench 8)"))
     p.add_argument("--device", default=None)
+    add_quantize_arg(p)
 
 
 def _pope_args(p, required: bool) -> None:
@@ -119,7 +121,7 @@ def _load(args, benchmark: str):
     """The assistant for ``args.checkpoint`` and the output folder (default RUN_DIR/eval/<benchmark>-<ckpt>)."""
     from ..serve.generate import Assistant
 
-    assistant = Assistant.from_run(args.checkpoint, device=args.device)
+    assistant = Assistant.from_args(args)
     run = assistant.run
     out = Path(args.out) if args.out else run.run_dir / "eval" / f"{benchmark}-{run.checkpoint.name}"
     return assistant, out

@@ -11,6 +11,7 @@ read and checked by ``read_suite`` before any question is asked. The output fold
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ ANCHORS = {
     "mmbench": {"LLaVA-1.5-7B": 64.3, "InstructBLIP-7B": 36.0},
 }
 """Published results in percent (POPE: F1 averaged over its three splits; MMBench: circular accuracy)."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +97,7 @@ def evaluate_suite(answer_fn_for: Callable[[str], AnswerFn], suite: Suite, out_d
         seconds = time.perf_counter() - start
         results[name] = {"summary": summary, "questions": questions, "asked": asked, "seconds": seconds,
                          "source": suite.sources.get(name, "")}
+        log.info("%s: %d questions (%d asked) in %.1f s", name, questions, asked, seconds)
     combined = {"title": title, "benchmarks": results, "headline": headline(results), "anchors": ANCHORS,
                 "total_seconds": sum(r["seconds"] for r in results.values())}
     write_report(out_dir, combined)

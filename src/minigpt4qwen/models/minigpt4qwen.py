@@ -7,6 +7,7 @@ Attribute names follow transformers' Blip2 checkpoints (`vision_model`, `qformer
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class MiniGPT4Qwen(nn.Module):
         self.image_token_id = image_token_id
         self.num_query_tokens = query_tokens.shape[1]
         self.loss_chunk = 4096
+        self.fused_linear_ce: Callable | None = None
+        """(lm_head weight, hidden rows, targets, bias) -> summed loss in one kernel (train.liger sets Liger's);
+        None = lm_head + cross-entropy in chunks of loss_chunk rows."""
 
     # ------------------------------------------------------------------ parts
 
@@ -140,6 +144,8 @@ class MiniGPT4Qwen(nn.Module):
         h = hidden[:, :-1][keep]
         t = targets[keep]
         head = self.llm.get_output_embeddings()
+        if self.fused_linear_ce is not None and t.numel():
+            return self.fused_linear_ce(head.weight, h, t, head.bias).float(), int(t.numel())
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, t.numel(), self.loss_chunk):
             logits = head(h[i : i + self.loss_chunk]).float()

@@ -466,7 +466,7 @@ def run_api(args: argparse.Namespace) -> int:
         print(f"warning: no --api-key: every client that reaches {args.host}:{args.port} can use the API",
               file=sys.stderr)
     options = options_from_args(args)
-    assistant = Assistant.from_run(args.checkpoint, device=args.device, compile_decoder=args.compile_decode)
+    assistant = Assistant.from_args(args)
     log.info("serving %s as %r on http://%s:%d/v1", args.checkpoint, options.model_name, args.host, args.port)
     uvicorn.run(build_app(assistant, options), host=args.host, port=args.port, log_level="info",
                 **options.uvicorn_kwargs())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_REQUEST_PIXELS
+from .quantize import QUANTIZE_MODES
 
 # defaults of the API server's limits, shared by its options (api.ServeOptions) and its command line
 MAX_TEXT_CHARS = 256 * 1024
@@ -23,6 +24,14 @@ def add_compile_decode_arg(p: argparse.ArgumentParser) -> None:
                         "the first answer of each batch size waits for the compile, ~1 min)")
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """`--quantize`, shared by chat, predict, webui, serve and eval (applied once, in `Assistant.from_args`)."""
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                   help="weight-only quantization of the LLM's decoder layers (torchao): int8 (CPU or CUDA), fp8 "
+                        "(CUDA, compute capability >= 8.9), int4 (CUDA >= 8.0). Less weight memory; int8/fp8 decode "
+                        "faster only when compiled (--compile-decode) (default: none)")
+
+
 def add_common_serve_args(p: argparse.ArgumentParser, port: int) -> None:
     """Options the web UI and the API share."""
     p.add_argument("--checkpoint", required=True, help="run directory (or one of its checkpoint directories)")
@@ -30,6 +39,7 @@ def add_common_serve_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_compile_decode_arg(p)
+    add_quantize_arg(p)
     p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="largest upload accepted")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="largest decoded image (width x height) accepted")

@@ -47,7 +47,7 @@ def run_chat(args) -> int:
     images = list(args.image or [])
     for path in images:
         load_image(path)  # fail now, with the file name, not after the model has loaded
-    assistant = Assistant.from_run(args.checkpoint, device=args.device, compile_decoder=args.compile_decode)
+    assistant = Assistant.from_args(args)
     session = ChatSession(assistant, images, settings_from_args(args))
     if args.query is not None:
         for piece in session.ask(args.query):

@@ -250,6 +250,74 @@ _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """First Linear of a fused group -> (fused weight, fused bias, sizes)."""
 
 
+def fusion_groups(layer: nn.Module) -> dict[str, list[nn.Module | None]]:
+    """The Linears of a decoder layer that FastDecoder runs as one matmul: q/k/v, and gate/up of a SwiGLU MLP."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {"qkv": [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]}
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        groups["gate_up"] = [mlp.gate_proj, mlp.up_proj]
+    return groups
+
+
+def _rows(weight: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Consecutive row slices (views) of `weight`; slicing, unlike `split`, is what torchao's quantized tensors
+    implement."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [weight[s : s + n] for s, n in zip(starts, sizes, strict=True)]
+
+
+def _data_ptr(t: torch.Tensor) -> int:
+    """Where a weight's data starts. A torchao quantized weight is a wrapper without storage of its own (its
+    data_ptr() is 0): it is located by its first inner tensor, the quantized values."""
+    while hasattr(type(t), "__tensor_flatten__"):
+        t = getattr(t, t.__tensor_flatten__()[0][0])
+    return t.data_ptr()
+
+
+def fuse_linears(mods: list[nn.Module | None]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+    """One weight for a group of frozen nn.Linear layers, their parameters re-pointed at its rows; None if the group
+    cannot be fused (see `_fuse_projections`). A group fused before, and still pointing at the same rows, is
+    returned as it is: also one whose fused weight serve/quantize.py replaced by a quantized one."""
+    if not all(type(m) is nn.Linear and not m.weight.requires_grad for m in mods):
+        return None
+    sizes = [m.out_features for m in mods]
+    done = _FUSED.get(mods[0])
+    if done is not None and done[2] == sizes:
+        # already fused: still pointing at the same rows? (a quantized tensor refuses to be sliced in inference mode)
+        with torch.inference_mode(False):
+            if all(_data_ptr(m.weight) == _data_ptr(w) for m, w in zip(mods, _rows(done[0], sizes), strict=True)):
+                return done
+    # sharded weights (DeepSpeed ZeRO-3 partitions, FSDP DTensors) are not whole matrices, and quantized ones
+    # (torchao tensor subclasses) concatenate only as their fused weight: leave them alone
+    if any(hasattr(m.weight, "ds_id") or type(m.weight.data) is not torch.Tensor
+           or m.weight.shape != (m.out_features, m.in_features) for m in mods):
+        return None
+    if len({(m.weight.dtype, m.weight.device, m.in_features) for m in mods}) != 1:
+        return None
+    if any(m.bias is not None for m in mods) and not all(m.bias is not None for m in mods):
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train afterwards
+        weight = torch.cat([m.weight for m in mods])
+        bias = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+        for m, w in zip(mods, _rows(weight, sizes), strict=True):
+            m.weight.data = w
+        if bias is not None:
+            for m, b in zip(mods, _rows(bias, sizes), strict=True):
+                m.bias.data = b
+    _FUSED[mods[0]] = (weight, bias, sizes)
+    return weight, bias, sizes
+
+
+def replace_fused_weight(mods: list[nn.Linear], weight: torch.Tensor) -> None:
+    """Swap a fused group's weight (`fuse_linears` made it) for `weight`, the same matrix in another form (a torchao
+    quantized tensor): every Linear of the group gets its rows as a view, so HF's forward and FastDecoder's one
+    matmul keep reading the same, single copy."""
+    _, bias, sizes = _FUSED[mods[0]]
+    for m, rows in zip(mods, _rows(weight, sizes), strict=True):
+        m.weight = nn.Parameter(rows, requires_grad=False)
+    _FUSED[mods[0]] = (weight, bias, sizes)
+
+
 def _fuse_projections(layers: list[nn.Module]) -> list[dict]:
     """One matmul for q/k/v and one for gate/up per layer, without a second copy of the weights.
 
@@ -258,47 +326,17 @@ def _fuse_projections(layers: list[nn.Module]) -> list[dict]:
     names; a second decoder on the same model reuses the fused tensors instead of copying again. At batch 1 a decode
     step is bound by reading the weights, and one long matrix-vector product reads them closer to the memory
     bandwidth than three short ones. Only plain, frozen nn.Linear layers are fused (LoRA wrappers and trainable or
-    sharded weights are left alone: that layer then runs unfused). The grouped parameters share one storage, which
-    safetensors refuses to save as is: write the LLM from a process that has not decoded (as `convert export` does).
+    sharded weights are left alone: that layer then runs unfused). Quantized groups (serve/quantize.py) were fused
+    before quantizing and are reused as they are. The grouped parameters share one storage, which safetensors refuses
+    to save as is: write the LLM from a process that has not decoded (as `convert export` does).
     """
-
-    def fuse(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
-        if not all(type(m) is nn.Linear and not m.weight.requires_grad for m in mods):
-            return None
-        # sharded weights (DeepSpeed ZeRO-3 partitions, FSDP DTensors) are not whole matrices: leave them alone
-        if any(hasattr(m.weight, "ds_id") or type(m.weight.data) is not torch.Tensor
-               or m.weight.shape != (m.out_features, m.in_features) for m in mods):
-            return None
-        if len({(m.weight.dtype, m.weight.device, m.in_features) for m in mods}) != 1:
-            return None
-        if any(m.bias is not None for m in mods) and not all(m.bias is not None for m in mods):
-            return None
-        sizes = [m.out_features for m in mods]
-        done = _FUSED.get(mods[0])
-        if done is not None and done[2] == sizes and all(  # already fused: still pointing at the same rows?
-                m.weight.data_ptr() == w.data_ptr() for m, w in zip(mods, done[0].split(sizes), strict=True)):
-            return done
-        with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train afterwards
-            weight = torch.cat([m.weight for m in mods])
-            bias = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
-            for m, w in zip(mods, weight.split(sizes), strict=True):
-                m.weight.data = w
-            if bias is not None:
-                for m, b in zip(mods, bias.split(sizes), strict=True):
-                    m.bias.data = b
-        _FUSED[mods[0]] = (weight, bias, sizes)
-        return weight, bias, sizes
-
     out = []
     for layer in layers:
-        attn, mlp, entry = layer.self_attn, layer.mlp, {}
-        qkv = fuse([getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")])
-        if qkv is not None:
-            entry["qkv"] = qkv
-        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            gate_up = fuse([mlp.gate_proj, mlp.up_proj])
-            if gate_up is not None:
-                entry["gate_up"] = gate_up
+        entry = {}
+        for name, mods in fusion_groups(layer).items():
+            fused = fuse_linears(mods)
+            if fused is not None:
+                entry[name] = fused
         out.append(entry)
     return out
 

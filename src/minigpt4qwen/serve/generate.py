@@ -20,6 +20,7 @@ from ..data.conversation import ChatTemplate, Turn
 from ..data.images import ImageProcessor, load_image
 from ..models.minigpt4qwen import MiniGPT4Qwen
 from ..runs import Run, load_run
+from .quantize import check_quantize, quantize_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,22 @@ class Assistant:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None, max_txt_len: int | None = None,
-                 compile_decoder: bool = False) -> Assistant:
-        """Load a run directory (its config + newest complete checkpoint) or one checkpoint directory in it."""
+                 compile_decoder: bool = False, quantize: str = "none") -> Assistant:
+        """Load a run directory (its config + newest complete checkpoint) or one checkpoint directory in it;
+        `quantize` (serve/quantize.py) applies to the loaded weights, before any decoder is built."""
+        check_quantize(quantize, device)  # a GPU-only mode fails in one line before minutes of loading
         run = load_run(run_dir, device)
         assistant = cls(run.model, run.tokenizer, run.template, run.processor,
                         max_txt_len or max(run.cfg.data.max_txt_len, 1024), compile_decoder=compile_decoder)
+        quantize_for_inference(assistant.model, quantize)
         assistant.run = run
         return assistant
+
+    @classmethod
+    def from_args(cls, args) -> Assistant:
+        """`from_run` with the options chat, predict, webui, serve and eval share (serve/args.py)."""
+        return cls.from_run(args.checkpoint, device=args.device, compile_decoder=getattr(args, "compile_decode", False),
+                            quantize=args.quantize)
 
     # ------------------------------------------------------------------ inputs
 

@@ -185,7 +185,7 @@ def run_predict(args) -> int:
         print(f"{out}: {len(rows) - len(todo)} row(s) already answered, {len(todo)} to go", file=sys.stderr)
     failed = 0
     if todo:
-        assistant = Assistant.from_run(args.checkpoint, device=args.device, compile_decoder=args.compile_decode)
+        assistant = Assistant.from_args(args)
         with tqdm(total=len(todo), desc="predict", unit="row", file=sys.stderr) as bar:
             failed = predict(assistant, todo, out, args.batch_size, settings_from_args(args),
                              report=lambda msg: bar.write(f"{src}: {msg}", file=sys.stderr), progress=bar.update)
@@ -202,7 +202,7 @@ def _positive(text: str) -> int:
 
 
 def add_predict_args(p) -> None:
-    from .args import add_compile_decode_arg
+    from .args import add_compile_decode_arg, add_quantize_arg
     from .cli import add_generation_args
 
     p.add_argument("--checkpoint", required=True, help="run directory (or one of its checkpoint directories)")
@@ -211,4 +211,5 @@ def add_predict_args(p) -> None:
     p.add_argument("--batch-size", type=_positive, default=16, help="questions answered together")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_compile_decode_arg(p)
+    add_quantize_arg(p)
     add_generation_args(p)

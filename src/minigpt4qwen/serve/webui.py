@@ -140,7 +140,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, limits: ImageL
 
 
 def run_webui(args: argparse.Namespace) -> int:
-    assistant = Assistant.from_run(args.checkpoint, device=args.device, compile_decoder=args.compile_decode)
+    assistant = Assistant.from_args(args)
     limits = ImageLimits(args.max_image_bytes, args.max_image_pixels)
     launch(build_app(assistant, limits=limits), args.host, args.port, limits)
     return 0

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import Config, TrainConfig
 from ..runs import DS_TAG, FSDP_DIR, load_weights
+from .fp8 import fsdp_float8_all_gather, plain_weights
 
 SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
@@ -380,6 +381,7 @@ class FSDPEngine(Engine):
         if precision == "fp16":
             raise ValueError("engine fsdp: use train.precision=bf16 (or fp32)")
         self.async_save, self._gloo, self._future, self._stager = cfg.engine.async_save, None, None, None
+        self.fp8_all_gather = fsdp_float8_all_gather(cfg)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
         kw = {"mp_policy": mp, "reshard_after_forward": cfg.engine.fsdp_reshard_after_forward}
@@ -398,6 +400,16 @@ class FSDPEngine(Engine):
         self.model.set_requires_gradient_sync(is_last)
         return nullcontext()
 
+    def step(self) -> float:
+        norm = super().step()
+        if self.fp8_all_gather:
+            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+            # the next forward gathers fp8 weights: their scales, from the updated weights, in one all-reduce for
+            # all layers (otherwise each layer's gather computes its own)
+            precompute_float8_dynamic_scale_for_fsdp(self.model)
+        return norm
+
     def _options(self, **kw):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -412,13 +424,15 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         opts = self._options(full_state_dict=True, cpu_offload=True)
-        return self._trainable_only(get_model_state_dict(self.model, options=opts))
+        state = self._trainable_only(get_model_state_dict(self.model, options=opts))
+        return plain_weights(state) if self.fp8_all_gather else state
 
     def _sharded(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
-        return {"model": self._trainable_only(model_sd), "optim": optim_sd}
+        model_sd = self._trainable_only(model_sd)
+        return {"model": plain_weights(model_sd) if self.fp8_all_gather else model_sd, "optim": optim_sd}
 
     def save(self, tmp: Path) -> dict:
         """With engine.async_save, DCP copies this rank's shards to CPU memory (the only time training waits) and

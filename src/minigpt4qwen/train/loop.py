@@ -43,6 +43,8 @@ from ..runs import (
     tmp_checkpoint_dir,
 )
 from .engines import Dist, Engine, build_engine, init_distributed, lr_at, oom_hint, param_groups, resolve_device
+from .fp8 import check_fp8, convert_fp8, fsdp_float8_all_gather
+from .liger import apply_liger, check_liger
 from .step import micro_step, supervised_tokens
 
 __all__ = ["lr_at", "param_groups", "resolve_device", "train"]
@@ -259,6 +261,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
     else:
         logging.getLogger("minigpt4qwen").setLevel(logging.WARNING)
     precision = ("bf16" if device.type == "cuda" else "fp32") if tc.precision == "auto" else tc.precision
+    check_fp8(cfg, device)  # before the (long) model load
+    check_liger(cfg, device)
     torch.manual_seed(tc.seed)
 
     built = build_model(cfg.model, device)
@@ -269,6 +273,15 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.grad_checkpointing_vision:
         model.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # fp8 and Liger change the decoder's modules: after the trainable set is decided (a frozen Linear may be cast
+    # once), before torch.compile traces the layers and before the engine wraps them (FSDP2 must see Float8Linear)
+    if tc.fp8 != "off":
+        n = convert_fp8(model, tc.fp8, tc.fp8_frozen, fsdp_all_gather=fsdp_float8_all_gather(cfg))
+        log.info("train.fp8=%s: %d LLM decoder Linears compute in fp8 (frozen ones: %s)", tc.fp8, n, tc.fp8_frozen)
+    if tc.liger:
+        apply_liger(model, layer_kernels=not tc.compile)
+        log.info("train.liger: Liger fused linear cross-entropy%s",
+                 " (the compiled layers keep inductor's fusions)" if tc.compile else ", RMSNorm, RoPE and SwiGLU")
     if tc.compile:
         n = model.compile_decoder_layers(tc.compile_backend)
         log.info("torch.compile (%s) on %d LLM decoder layers: the first steps include compiling", tc.compile_backend, n)
@@ -289,12 +302,13 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
                                lengths=lengths, batch_size=tc.batch_size * tc.grad_accum,
                                window=cfg.data.length_window)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    multiple = cfg.data.pad_to_multiple_of or (64 if device.type == "cuda" else 1)
     # its own generator: creating an iterator then draws no number from the global RNG, which a resume restores
     # and dropout / LoRA dropout draw from (one extra draw shifted every later mask after a resume)
     loader_gen = torch.Generator()
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=lambda items: collate(items, pad_id), pin_memory=device.type == "cuda",
-                        generator=loader_gen)
+                        collate_fn=lambda items: collate(items, pad_id, multiple=multiple),
+                        pin_memory=device.type == "cuda", generator=loader_gen)
     micro_per_epoch = math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch

@@ -1,0 +1,235 @@
+"""Weight-only quantization of the LLM's decoder layers for answering (chat, predict, web UI, API, eval).
+
+    minigpt4qwen chat --checkpoint RUN_DIR --image a.jpg --quantize int8 [--compile-decode]
+    report = quantize_llm(model, "int8")   # after the checkpoint (and any LoRA merge) is loaded, before decoding
+
+torchao's `quantize_` swaps the weight of every nn.Linear inside the LLM's decoder layers (q/k/v/o and gate/up/down
+projections) for a quantized tensor subclass whose F.linear dequantizes on the fly; the modules, their names and HF's
+forward stay as they are, so HF `generate` (sampling, beams, streaming) and FastDecoder both run on the quantized
+weights. Activations stay in the model's dtype (weight-only): the gain is the weight bytes read per decode step,
+which is what bounds batch-1 decoding. Eagerly each matmul first dequantizes its whole weight, so int8/fp8 only get
+faster with `--compile-decode` (inductor fuses the dequantization into the matmul); memory drops either way.
+
+    mode  weights                                          needs                              torchao config
+    int8  int8, one fp32 scale per output row              CPU or CUDA                        Int8WeightOnlyConfig
+    fp8   float8 e4m3, one scale per output row             CUDA, compute capability >= 8.9    Float8WeightOnlyConfig
+    int4  int4 in groups of 128 (or 64/32) along the input  CUDA, compute capability >= 8.0    Int4WeightOnlyConfig,
+          with scale + zero point per group, bf16           (torch's tinygemm kernel)          tile-packed (tinygemm)
+
+Untouched: the vision tower, Q-Former and projector (small next to the LLM, and they run once per image, not per
+token), the token embedding and lm_head (see `quantize_llm`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .fastdecode import fuse_linears, fusion_groups, replace_fused_weight
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_MODES = ("none", "int8", "fp8", "int4")
+"""`--quantize` values; none keeps the weights as loaded."""
+
+_NEEDS = {"fp8": ((8, 9), "float8 weights: Ada or Hopper"), "int4": ((8, 0), "torch's tinygemm int4 kernel")}
+"""Modes that need a CUDA GPU: the least compute capability and why."""
+
+INT4_GROUP_SIZES = (128, 64, 32)
+"""int4 group sizes tried in order (tinygemm's sizes); the first that divides a layer's input width is used."""
+
+
+class QuantizeError(ValueError):
+    """`--quantize` cannot run as asked; the message is one line naming the option and the way out."""
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_llm` did: bytes of the LLM's weights and of the quantized layers' weights, before and after."""
+
+    mode: str
+    layers: int
+    """nn.Linear layers quantized."""
+    skipped: int
+    """Decoder Linears left as they were (int4: an input width no group size divides)."""
+    llm_bytes_before: int
+    llm_bytes_after: int
+    linear_bytes_before: int
+    linear_bytes_after: int
+
+    def line(self) -> str:
+        return (f"--quantize {self.mode}: {self.layers} decoder linear layers quantized"
+                + (f" ({self.skipped} left as they were)" if self.skipped else "")
+                + f"; their weights {size(self.linear_bytes_before)} -> {size(self.linear_bytes_after)}, "
+                f"all LLM weights {size(self.llm_bytes_before)} -> {size(self.llm_bytes_after)}")
+
+
+def size(n: int) -> str:
+    """Bytes for people: 14.2 GiB, 310.0 KiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _plain_tensors(t: torch.Tensor) -> Iterable[torch.Tensor]:
+    """The ordinary tensors holding `t`'s data: `t` itself, or a torchao subclass's inner tensors (qdata, scales,
+    zero points; recursively, as `__tensor_flatten__` names them)."""
+    if not hasattr(type(t), "__tensor_flatten__"):
+        yield t
+        return
+    for name in t.__tensor_flatten__()[0]:
+        inner = getattr(t, name, None)
+        if inner is not None:
+            yield from _plain_tensors(inner)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storage behind `tensors`, each storage counted once: tied weights, the row slices of a fused
+    weight and a quantized tensor's parts are counted as the memory they take, not per name."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in tensors:
+        for plain in _plain_tensors(t):
+            storage = plain.untyped_storage()
+            key = (str(plain.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+    return total
+
+
+def check_quantize(mode: str, device: str | torch.device | None) -> None:
+    """Fail before anything loads if `mode` cannot run on `device` (None: cuda if available, as load_run picks)."""
+    if mode not in QUANTIZE_MODES:
+        raise QuantizeError(f"--quantize takes {', '.join(QUANTIZE_MODES)}; got {mode!r}")
+    if mode not in _NEEDS:
+        return
+    need, why = _NEEDS[mode]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        cap = torch.cuda.get_device_capability(dev)
+        if cap >= need:
+            return
+        here = f"{torch.cuda.get_device_name(dev)} has compute capability {cap[0]}.{cap[1]}"
+    else:
+        here = f"this run is on {dev.type}"
+    raise QuantizeError(f"--quantize {mode} needs a CUDA GPU with compute capability >= {need[0]}.{need[1]} ({why}); "
+                        f"{here}: use --quantize int8 (CPU or GPU) or none")
+
+
+def _config(mode: str, group_size: int = 128):
+    from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+    # torchao's defaults otherwise (per-row int8 / e4m3 scales); set_inductor_config stays on as torchao recommends:
+    # it switches inductor's coordinate-descent tuning on for the process (compiled code only, numerics unchanged)
+    if mode == "int8":
+        return Int8WeightOnlyConfig()
+    if mode == "fp8":
+        return Float8WeightOnlyConfig()
+    # tile-packed = torch's own tinygemm kernel (`_weight_int4pack_mm`); torchao's default "plain" int4 needs the
+    # separate mslk kernel package
+    return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+
+
+def _quantized(weight: torch.Tensor, config) -> torch.Tensor:
+    """`weight` as torchao's quantize_ makes it for an nn.Linear holding it: the same call, the same numerics."""
+    from torchao.quantization import quantize_
+
+    holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    holder.weight = nn.Parameter(weight, requires_grad=False)
+    quantize_(holder, config)
+    return holder.weight
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    return hasattr(type(weight), "__tensor_flatten__")
+
+
+def _decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return list(base.get_decoder().layers)
+
+
+def quantize_llm(model: nn.Module, mode: str) -> QuantizeReport | None:
+    """Quantize the Linear weights of the LLM's decoder layers in place (`model`: MiniGPT4Qwen, whose `llm` alone
+    is touched, or the LLM itself); None for mode none.
+
+    For answering only: a trainable or training-mode LLM is refused, and so is a LoRA-wrapped one (merge the adapters
+    first: a quantized base under float adapters would run two paths per layer). int8/fp8: the q/k/v and gate/up groups
+    are fused first (fastdecode's `fuse_linears`) and each group's one weight is quantized, its Linears
+    pointing at row slices of it, so FastDecoder keeps its one matmul per group on a single quantized copy (the
+    per-row scales make this the same numbers as quantizing each Linear alone). int4: torch's tinygemm layout pads
+    and tiles the rows, so its slices are no weights of their own; each Linear is quantized alone (cast to bf16, the
+    kernel's dtype) and FastDecoder runs those layers unfused.
+
+    lm_head stays as loaded: small Qwen/SmolLM checkpoints tie it to the token embedding, which the image placeholders
+    are built from (quantizing would break the tie or dequantize the whole vocabulary on every lookup), and its
+    logits choose the greedy token directly, where rounding flips near-ties first. For Qwen-7B it is ~8% of the
+    weights.
+    """
+    check_quantize(mode, None if mode == "none" else _device(model))
+    if mode == "none":
+        return None
+    llm = getattr(model, "llm", model)
+    if hasattr(llm, "merge_and_unload"):
+        raise QuantizeError(f"--quantize {mode}: the LLM still carries LoRA adapters; merge them first "
+                            "(peft merge_and_unload, as quantize_for_inference does)")
+    if llm.training or any(p.requires_grad for p in llm.parameters()):
+        raise QuantizeError(f"--quantize {mode} is for answering only: the LLM is trainable or in training mode "
+                            "(call .eval().requires_grad_(False) on a model loaded for inference)")
+    layers = _decoder_layers(llm)
+    linears = [m for layer in layers for m in layer.modules() if type(m) is nn.Linear]
+    if any(_is_quantized(m.weight) for m in linears):
+        raise QuantizeError(f"--quantize {mode}: the LLM's decoder is quantized already")
+    llm_before = tensor_bytes(llm.parameters())
+    linear_before = tensor_bytes(m.weight for m in linears)
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, as fuse_linears makes them
+        if mode in ("int8", "fp8"):
+            config = _config(mode)
+            for layer in layers:
+                for mods in fusion_groups(layer).values():
+                    fused = fuse_linears(mods)
+                    if fused is not None:
+                        replace_fused_weight(mods, _quantized(fused[0], config))
+        skipped = 0
+        for m in linears:
+            if _is_quantized(m.weight):
+                continue
+            if mode == "int4":
+                size = next((g for g in INT4_GROUP_SIZES if m.in_features % g == 0), None)
+                if size is None:
+                    skipped += 1
+                    continue
+                weight = _quantized(m.weight.to(torch.bfloat16), _config(mode, size))
+            else:
+                weight = _quantized(m.weight, _config(mode))
+            m.weight = nn.Parameter(weight, requires_grad=False)
+    report = QuantizeReport(mode, len(linears) - skipped, skipped, llm_before, tensor_bytes(llm.parameters()),
+                            linear_before, tensor_bytes(m.weight for m in linears))
+    log.info("%s", report.line())
+    return report
+
+
+def _device(model: nn.Module) -> torch.device:
+    llm = getattr(model, "llm", model)
+    return llm.get_output_embeddings().weight.device
+
+
+def quantize_for_inference(model: nn.Module, mode: str) -> QuantizeReport | None:
+    """What `--quantize` does to a run loaded for answering (MiniGPT4Qwen): LoRA adapters folded into the weights
+    they adapt, the LLM frozen (nothing trains here; load_run keeps the run's trainable flags), then `quantize_llm`."""
+    if mode == "none":
+        return None
+    if hasattr(model.llm, "merge_and_unload"):  # peft
+        model.llm = model.llm.merge_and_unload()
+    model.llm.eval().requires_grad_(False)
+    return quantize_llm(model, mode)
