@@ -192,6 +192,12 @@ def test_fp8_config_errors_are_one_line(tmp_path, shapes_data, monkeypatch):
     with pytest.raises(ConfigError, match="train.fp8=rowwise does not support engine.name=deepspeed") as exc:
         fp8.check_fp8(ds, CPU)
     assert "\n" not in str(exc.value)
+    monkeypatch.setenv(fp8.EMULATE_ENV, "1")  # past the device check: the engine's turn
+    once = tiny_config(tmp_path, shapes_data, "train.fp8=tensorwise", "train.fp8_frozen=once", "engine.name=fsdp")
+    with pytest.raises(ConfigError, match="with engine.name=fsdp set engine.frozen=replicate"):
+        fp8.check_fp8(once, CPU)
+    fp8.check_fp8(tiny_config(tmp_path, shapes_data, "train.fp8=tensorwise", "train.fp8_frozen=once",
+                              "engine.name=fsdp", "engine.frozen=replicate"), CPU)
 
 
 # --------------------------------------------------------------------------------------------- Liger

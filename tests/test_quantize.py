@@ -310,3 +310,20 @@ def test_quantized_assistant_answers_on_cuda(tiny_run, shapes_data):
         a = Assistant.from_run(tiny_run, device="cuda", quantize=mode)
         out = a.generate(conv, images, GenerationSettings(max_new_tokens=4))
         assert len(out) == len(QUESTIONS) and all(isinstance(t, str) for t in out), mode
+
+
+def test_only_the_cpu_build_noise_of_torchao_is_filtered(caplog):
+    """Importing the package hides torchao's "Failed to load ...so" (CPU build of torch) and torch's enum note,
+    nothing else torchao logs."""
+    import logging
+
+    import minigpt4qwen  # noqa: F401  (installs the filters)
+
+    log = logging.getLogger("torchao")
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        log.warning("Failed to load /x/torchao/_C_cutlass_90a.abi3.so: Could not load this library")
+        log.warning("something else went wrong")
+        logging.getLogger("torch.utils._pytree").warning("<enum 'X'> is an Enum subclass and is now natively "
+                                                         "supported by torch.compile")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else went wrong"] if torch.version.cuda is None else len(messages) == 2

@@ -293,6 +293,8 @@ def test_profile_steps_write_an_op_table_and_a_trace(tmp_path, shapes_data):
     assert "optimizer steps 2..3" in ops and "aten::mm" in ops
     trace = json.loads((run / "profile" / "trace.json").read_text())
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#1", "ProfilerStep#2"}, steps  # the 2nd and 3rd optimizer steps (#0 = the 1st)
     plain = train(tiny_config(tmp_path / "q", shapes_data, "train.max_steps=4"))
     assert losses(run) == pytest.approx(losses(plain), rel=1e-6)
     with pytest.raises(ConfigError, match="profile_steps"):
@@ -306,6 +308,9 @@ def test_padding_to_a_multiple_keeps_the_losses(tmp_path, shapes_data):
     batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "pixel_values": None, "truncated": False}], 0,
                     multiple=8)
     assert batch["input_ids"].shape == (1, 8) and batch["attention_mask"].sum() == 3
+    from minigpt4qwen.data.collate import AUTO_MULTIPLE, pad
+    assert pad([[1] * 70], 0, multiple=AUTO_MULTIPLE)[0].shape == (1, 70)  # short rows (stage 1): as they come
+    assert pad([[1] * 600], 0, multiple=AUTO_MULTIPLE)[0].shape == (1, 640)  # long rows: few distinct lengths
     plain = train(tiny_config(tmp_path / "plain", shapes_data, "train.max_steps=3", "data.pad_to_multiple_of=1"))
     padded = train(tiny_config(tmp_path / "pad", shapes_data, "train.max_steps=3", "data.pad_to_multiple_of=64"))
     assert losses(padded) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)

@@ -12,12 +12,20 @@ def right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
 
 
+AUTO_MULTIPLE = 0
+"""`multiple` value for data.pad_to_multiple_of's auto rule on CUDA: 64 for rows of >= LONG_ROW positions, else 1."""
+LONG_ROW = 512
+
+
 def pad(rows: list, value: int, length: int | None = None, left: bool = False,
         multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The one padding routine (training batches, the bench, batched generation): token rows -> an (N, L) long
     tensor filled with `value` where a row has no token, and its 0/1 attention mask. L is the longest row, or
-    `length` if larger (fixed shapes), rounded up to `multiple`; `left` puts the padding before the tokens."""
+    `length` if larger (fixed shapes), rounded up to `multiple` (AUTO_MULTIPLE: see there); `left` puts the
+    padding before the tokens."""
     width = max([length or 0, *(len(r) for r in rows)])
+    if multiple == AUTO_MULTIPLE:
+        multiple = 64 if width >= LONG_ROW else 1
     width = -(-width // multiple) * multiple
     out = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

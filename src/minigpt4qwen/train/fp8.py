@@ -54,6 +54,11 @@ def check_fp8(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"train.fp8={tc.fp8} does not support engine.name=deepspeed; use engine.name=ddp or fsdp, "
                           "or train.fp8=off")
     require_fp8_device(device, f"train.fp8={tc.fp8}")
+    if tc.fp8_frozen == "once" and cfg.engine.name == "fsdp" and cfg.engine.frozen != "replicate":
+        # the cast-once copy is a plain attribute outside FSDP: every rank would hold all of it (1-2 bytes per frozen
+        # weight) while FSDP still gathers the unused bf16 shards
+        raise ConfigError("train.fp8_frozen=once keeps a whole fp8 copy of every frozen weight on each GPU: with "
+                          "engine.name=fsdp set engine.frozen=replicate, or use train.fp8_frozen=recast")
     if tc.fp8 == "rowwise" and tc.precision in ("fp32", "fp16") and not emulated():
         raise ConfigError(f"train.fp8=rowwise needs train.precision=bf16 (the rowwise fp8 GEMM writes bf16), not "
                           f"{tc.precision}; or use train.fp8=tensorwise")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
-from ..data.collate import collate
+from ..data.collate import AUTO_MULTIPLE, collate
 from ..data.dataset import InstructionDataset, ResumableSampler
 from ..data.images import ImageProcessor
 from ..models.minigpt4qwen import build_model, log_counts
@@ -302,7 +302,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
                                lengths=lengths, batch_size=tc.batch_size * tc.grad_accum,
                                window=cfg.data.length_window)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    multiple = cfg.data.pad_to_multiple_of or (64 if device.type == "cuda" else 1)
+    multiple = cfg.data.pad_to_multiple_of or (AUTO_MULTIPLE if device.type == "cuda" else 1)
     # its own generator: creating an iterator then draws no number from the global RNG, which a resume restores
     # and dropout / LoRA dropout draw from (one extra draw shifted every later mask after a resume)
     loader_gen = torch.Generator()
