@@ -193,12 +193,14 @@ def suite_section(bench: Bench) -> None:
         assistant = Assistant(bench.model, bench.tokenizer, template, ImageProcessor(bench.image_size, train=False))
         tokens = {name: a.eval_new_tokens or DEFAULT_NEW_TOKENS[name] for name in chosen}
         bench.reset_peak()
-        combined = evaluate_suite(lambda name: AssistantAnswers(assistant, tokens[name]), suite, root / "out",
-                                  a.eval_batch, progress=False)
-        for name, r in combined["benchmarks"].items():
+
+        def done(name: str, r: dict) -> None:
             bench.emit({"variant": f"eval-{name}", "questions": r["questions"], "asked": r["asked"],
                         "total_s": r["seconds"], "asked_per_s": r["asked"] / r["seconds"], "batch_size": a.eval_batch,
                         "max_new_tokens": tokens[name], "peak_mem_gib": bench.peak_mem_gib()})
+
+        combined = evaluate_suite(lambda name: AssistantAnswers(assistant, tokens[name]), suite, root / "out",
+                                  a.eval_batch, progress=False, on_done=done)
         return {"benchmarks": list(combined["benchmarks"]), "total_s": read_s + combined["total_seconds"],
                 "read_s": read_s, "answer_s": combined["total_seconds"],
                 "asked": sum(r["asked"] for r in combined["benchmarks"].values()), "batch_size": a.eval_batch,

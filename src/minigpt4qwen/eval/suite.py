@@ -73,11 +73,13 @@ def read_suite(mme_root: str | Path | None = None, pope_root: str | Path | None 
 
 
 def evaluate_suite(answer_fn_for: Callable[[str], AnswerFn], suite: Suite, out_dir: str | Path, batch_size: int = 16,
-                   progress: bool = True, title: str = "") -> dict:
+                   progress: bool = True, title: str = "",
+                   on_done: Callable[[str, dict], None] | None = None) -> dict:
     """Run every chosen benchmark into ``out_dir/<benchmark>/``, then write and return the combined summary.
 
     Seconds are wall time per benchmark (answering, scoring and writing its files), so the sum is what the run took
-    after the files were read.
+    after the files were read. `on_done(name, result)` is called as each benchmark finishes (the bench prints its
+    line then, so a run cut short still reports the finished ones).
     """
     out_dir = Path(out_dir)
     results: dict[str, dict] = {}
@@ -98,6 +100,8 @@ def evaluate_suite(answer_fn_for: Callable[[str], AnswerFn], suite: Suite, out_d
         results[name] = {"summary": summary, "questions": questions, "asked": asked, "seconds": seconds,
                          "source": suite.sources.get(name, "")}
         log.info("%s: %d questions (%d asked) in %.1f s", name, questions, asked, seconds)
+        if on_done is not None:
+            on_done(name, results[name])
     combined = {"title": title, "benchmarks": results, "headline": headline(results), "anchors": ANCHORS,
                 "total_seconds": sum(r["seconds"] for r in results.values())}
     write_report(out_dir, combined)
