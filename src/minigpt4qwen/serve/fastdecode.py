@@ -308,6 +308,12 @@ def fuse_linears(mods: list[nn.Module | None]) -> tuple[torch.Tensor, torch.Tens
     return weight, bias, sizes
 
 
+def forget_fused(mods: list[nn.Module | None]) -> None:
+    """Drop the record of a fused group (its Linears keep their row views until they get weights of their own):
+    int4 quantizes each Linear alone, and the record would keep the whole bf16 fused weight alive."""
+    _FUSED.pop(mods[0], None)
+
+
 def replace_fused_weight(mods: list[nn.Linear], weight: torch.Tensor) -> None:
     """Swap a fused group's weight (`fuse_linears` made it) for `weight`, the same matrix in another form (a torchao
     quantized tensor): every Linear of the group gets its rows as a view, so HF's forward and FastDecoder's one

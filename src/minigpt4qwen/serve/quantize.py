@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .fastdecode import fuse_linears, fusion_groups, replace_fused_weight
+from .fastdecode import forget_fused, fuse_linears, fusion_groups, replace_fused_weight
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -200,6 +200,10 @@ def quantize_llm(model: nn.Module, mode: str) -> QuantizeReport | None:
                     fused = fuse_linears(mods)
                     if fused is not None:
                         replace_fused_weight(mods, _quantized(fused[0], config))
+        else:  # int4: Linears one by one (see above); a group FastDecoder fused before is let go of
+            for layer in layers:
+                for mods in fusion_groups(layer).values():
+                    forget_fused(mods)
         skipped = 0
         for m in linears:
             if _is_quantized(m.weight):
