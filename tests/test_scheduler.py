@@ -181,6 +181,29 @@ def test_a_failing_request_fails_alone(assistant, images):
     assert not log.of("after", Failure) and scheduler.slots_in_use == 0
 
 
+def test_a_broken_device_fails_every_request_instead_of_hanging(assistant, images, no_end_of_turn, monkeypatch):
+    """A device error that does not clear (freeing a slot raises too) must not kill the scheduler thread silently:
+    the running request, the waiting one and one submitted afterwards all get a Failure."""
+    scheduler = Scheduler(assistant, max_batch=1)
+    log = Log(scheduler)
+    scheduler.submit(log.job("running", QUESTIONS[0], images[0], max_new_tokens=1500))
+    until(lambda: scheduler.steps >= 2, "the first request to decode")
+    scheduler.submit(log.job("waiting", QUESTIONS[1], images[1]))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(scheduler, "_decode_step", broken)
+    monkeypatch.setattr(scheduler, "_release", broken)
+    until(lambda: log.finished("running", "waiting"), "failures for the running and the waiting request")
+    scheduler.submit(log.job("later", QUESTIONS[2], images[2]))
+    until(lambda: log.finished("later"), "a failure for a request after the breakage")
+    scheduler.close()
+    for name in ("running", "waiting", "later"):
+        assert [type(ev) for _, ev in log.of(name) if not isinstance(ev, Delta)] == [Failure], name
+    assert "illegal memory access" in str(log.of("later", Failure)[0][1].error)
+
+
 def test_a_cancelled_request_frees_its_slot(assistant, images, no_end_of_turn):
     scheduler = Scheduler(assistant, max_batch=1)
     log = Log(scheduler)

@@ -128,7 +128,7 @@ def drive(url: str, clients: int, requests_per_client: int, max_tokens: int, ima
 
     async def run() -> float:
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
             t0 = time.perf_counter()
             await asyncio.gather(*(client_loop(client) for _ in range(clients)))
             return time.perf_counter() - t0

@@ -141,6 +141,7 @@ class ChatService:
             self.batcher = Scheduler(assistant, options.max_batch, prefill_chunk=options.prefill_chunk,
                                      max_len=options.slot_len or assistant.max_txt_len + options.max_tokens_limit)
             self.context = min(self.context, self.batcher.max_len)  # a slot holds prompt + answer
+            self.batcher.start()  # the KV cache and every CUDA graph now, not in the first request's time
         else:
             raise ValueError(f"batching must be 'continuous' or 'static', not {options.batching!r}")
         self.decode_budget = DecodeBudget(options.max_decode_pixels,
@@ -461,6 +462,11 @@ def run_api(args: argparse.Namespace) -> int:
     problem = exposure_problem(args.host, args.api_key, args.insecure)
     if problem:  # before the model loads: a refused start costs nothing
         print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.batching == "continuous" and getattr(args, "compile_decode", False):
+        # the slot decoder's step has a shape per (rows, columns) bucket: torch.compile would recompile for each
+        print("error: --compile-decode works with --batching static only (the continuous decoder runs a CUDA "
+              "graph per batch shape; compiling each would take minutes)", file=sys.stderr)
         return 2
     if not args.api_key:
         print(f"warning: no --api-key: every client that reaches {args.host}:{args.port} can use the API",

@@ -4,8 +4,9 @@ A worker thread takes the pending jobs that share sampling settings (up to `max_
 `window_s` for company) and runs them through the shared generation path (`Assistant` template, image preprocessing,
 left-padded embeddings, HF generate). Each row's text is streamed per decoding step and each row stops on its own
 (end of turn, its own `max_tokens`, a stop string, or a client that went away) while the rest of the batch goes on.
-Jobs that arrive while a batch runs wait for the next one (batch-level batching: `serve --batching static`; the
-default, token-level continuous batching, is scheduler.py, which shares this module's job, event and row types).
+Jobs that arrive while a batch runs wait for the next one (batch-level batching: `serve --batching static`, the
+default; token-level continuous batching, `--batching continuous`, is scheduler.py, which shares this module's job,
+event and row types).
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ class FastDecoder:
         if graph is not None:
             return graph
         saved = [t.clone() for t in self._state()]
-        stream = torch.cuda.Stream(self.device)
+        # one side stream for every warm-up: cuBLAS keeps a workspace per stream it has seen
+        stream = self._warm_stream = getattr(self, "_warm_stream", None) or torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import logging
 import queue
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -128,6 +129,8 @@ class Scheduler(Worker):
         """Rows that ended: finished, failed or cancelled."""
         self.most_rows = 0
         """Most rows decoded in one step."""
+        self.dead: BaseException | None = None
+        """Set once the device failed beyond recovery: every request since gets a Failure at once."""
 
     @property
     def slots_in_use(self) -> int:
@@ -152,7 +155,28 @@ class Scheduler(Worker):
             else:
                 self._waiting.append(job)
 
+    def _start_decoder(self) -> None:
+        """The slot decoder and all its CUDA graphs, before the first request (see SlotDecoder.capture_all)."""
+        device = self.assistant.model.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this thread's captures and syncs happen on the model's GPU
+        with self.assistant.lock:
+            self.decoder = SlotDecoder(self.assistant.model.llm, self.max_batch, self.max_len, fuse=True,
+                                       compile=self.assistant.compile_decoder)
+            start = time.perf_counter()
+            n = self.decoder.capture_all()
+        if n:
+            log.info("continuous batching: %d decode graphs captured in %.1f s (%d slots x %d positions)", n,
+                     time.perf_counter() - start, self.max_batch, self.max_len)
+
     def _work(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._start_decoder()
+        except Exception as exc:  # e.g. out of memory for the KV cache: every request gets this error
+            log.exception("continuous batching could not start")
+            self._broken(exc)
+            return
         while True:
             self._take_new()
             if self._closing and not self._busy():
@@ -163,7 +187,38 @@ class Scheduler(Worker):
                         self._iteration()
                 except Exception as exc:  # a bug in the loop itself: fail what is running, keep serving
                     log.exception("scheduler iteration failed")
-                    self._fail_all(exc)
+                    try:
+                        self._fail_all(exc)
+                    except Exception:  # the device itself is broken: fail everyone, now and later, and stop
+                        log.exception("the scheduler cannot recover; failing every request")
+                        self._broken(exc)
+                        return
+
+    def _broken(self, exc: BaseException) -> None:
+        """No GPU work is possible any more: every request still running, waiting or still to come gets a Failure,
+        without touching the device, so that no client waits for a stream that cannot come."""
+        failed = set()
+        for req in [a.request for a in self._active.values()] + ([self._prefill] if self._prefill else []):
+            if id(req) not in failed and not req.failed:
+                req.failed = True
+                req.job.on_event(Failure(exc))
+            failed.add(id(req))
+        self._active.clear()
+        self._prefill = None
+        self.dead = exc
+        while True:
+            while self._waiting:
+                self._waiting.popleft().on_event(Failure(exc))
+            if self._closing:
+                return
+            try:
+                job = self._pending.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if job is None:
+                self._closing = True
+            else:
+                self._waiting.append(job)
 
     def _fail_all(self, exc: BaseException, prefill: bool = True) -> None:
         """Fail the decoding requests, and (`prefill`) the one being prefilled."""
@@ -350,8 +405,12 @@ class Scheduler(Worker):
         if req.failed:
             return
         req.failed = True
+        req.job.on_event(Failure(exc))  # first: freeing the slots writes to the GPU, which may be what failed
         for row, slot in zip(req.rows, req.slots, strict=True):
             if not row.done:  # a row that is done gave its slot back already
                 row.done = True
-                self._release(slot)
-        req.job.on_event(Failure(exc))
+                try:
+                    self._release(slot)
+                except Exception:  # a broken device (e.g. a CUDA error that does not clear): see _work
+                    self._active.pop(slot, None)
+                    raise

@@ -105,6 +105,20 @@ class SlotDecoder(FastDecoder):
         self.pos[dst] = self.pos[src]
 
     @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every (width, kv_len) bucket's graph now, while no slot is in use (all positions 0: the warm-up
+        steps write column 0 only), so that no capture (a device sync, ~0.2-0.5 s) lands among running requests.
+        Returns how many graphs exist; 0 without CUDA graphs."""
+        if not self.cuda_graph:
+            return 0
+        widths = sorted({bucket(w, 1, self.max_batch) for w in range(1, self.max_batch + 1)})
+        kv_lens = sorted({bucket(n, MIN_KV, self.max_len) for n in range(1, self.max_len + 1)})
+        for width in widths:
+            for kv_len in kv_lens:
+                self._graph(width, kv_len)
+        return len(self._graphs)
+
+    @torch.inference_mode()
     def decode(self, width: int, kv_len: int) -> torch.Tensor:
         """One step for slots [0, width) attending to [0, kv_len) (buckets of both keep the graphs few); live
         slots advance. Returns the logits buffer's rows (width, vocab), valid until the next step."""
