@@ -299,6 +299,8 @@ def test_profile_steps_write_an_op_table_and_a_trace(tmp_path, shapes_data):
     assert losses(run) == pytest.approx(losses(plain), rel=1e-6)
     with pytest.raises(ConfigError, match="profile_steps"):
         tiny_config(tmp_path / "bad", shapes_data, "train.profile_steps=[0,2]")
+    short = train(tiny_config(tmp_path / "s", shapes_data, "train.max_steps=2", "train.profile_steps=[2,5]"))
+    assert (short / "profile" / "ops.txt").read_text().startswith("# optimizer steps 2..2,")  # what was recorded
 
 
 def test_padding_to_a_multiple_keeps_the_losses(tmp_path, shapes_data):

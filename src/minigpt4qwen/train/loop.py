@@ -146,13 +146,15 @@ def _profiler(tc, run_dir: Path, dist_: Dist, start_step: int):
     def write(prof) -> None:
         out.mkdir(parents=True, exist_ok=True)
         avg = prof.key_averages()
+        # a run that stops inside the window writes what it recorded (profile.stop): name the steps that were
+        last = min(first + count - 1, start_step + prof.step_num)
         (out / "ops.txt").write_text(
-            f"# optimizer steps {first}..{first + count - 1}, sorted by {device_sort}\n"
+            f"# optimizer steps {first}..{last}, sorted by {device_sort}\n"
             + avg.table(sort_by=device_sort, row_limit=40, max_name_column_width=60)
             + "\n# sorted by self CPU time\n" + avg.table(sort_by="self_cpu_time_total", row_limit=25,
                                                            max_name_column_width=60))
         prof.export_chrome_trace(str(out / "trace.json"))
-        log.info("profile of steps %d..%d written to %s", first, first + count - 1, out)
+        log.info("profile of steps %d..%d written to %s", first, last, out)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     # step k of the schedule = the optimizer step start_step + k + 1; one warm-up step before recording
