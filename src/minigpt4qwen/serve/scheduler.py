@@ -129,8 +129,6 @@ class Scheduler(Worker):
         """Rows that ended: finished, failed or cancelled."""
         self.most_rows = 0
         """Most rows decoded in one step."""
-        self.dead: BaseException | None = None
-        """Set once the device failed beyond recovery: every request since gets a Failure at once."""
 
     @property
     def slots_in_use(self) -> int:
@@ -197,28 +195,18 @@ class Scheduler(Worker):
     def _broken(self, exc: BaseException) -> None:
         """No GPU work is possible any more: every request still running, waiting or still to come gets a Failure,
         without touching the device, so that no client waits for a stream that cannot come."""
-        failed = set()
         for req in [a.request for a in self._active.values()] + ([self._prefill] if self._prefill else []):
-            if id(req) not in failed and not req.failed:
+            if not req.failed:  # a request's rows share one _Request: it fails once
                 req.failed = True
                 req.job.on_event(Failure(exc))
-            failed.add(id(req))
         self._active.clear()
         self._prefill = None
-        self.dead = exc
         while True:
             while self._waiting:
                 self._waiting.popleft().on_event(Failure(exc))
             if self._closing:
                 return
-            try:
-                job = self._pending.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if job is None:
-                self._closing = True
-            else:
-                self._waiting.append(job)
+            self._take_new()  # nothing is busy now: blocks for the next job (or close)
 
     def _fail_all(self, exc: BaseException, prefill: bool = True) -> None:
         """Fail the decoding requests, and (`prefill`) the one being prefilled."""
@@ -227,14 +215,8 @@ class Scheduler(Worker):
         if prefill and self._prefill is not None:
             req, self._prefill = self._prefill, None
             self._fail(req, exc)
-        if self.decoder is None:  # no decoder (e.g. an unsupported model): nothing waiting can be served
-            while self._waiting:
-                self._waiting.popleft().on_event(Failure(exc))
 
     def _iteration(self) -> None:
-        if self.decoder is None:
-            self.decoder = SlotDecoder(self.assistant.model.llm, self.max_batch, self.max_len, fuse=True,
-                                       compile=self.assistant.compile_decoder)
         self._drop_cancelled()
         budget = self.prefill_chunk
         while budget > 0:
