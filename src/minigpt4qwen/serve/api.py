@@ -3,9 +3,8 @@
     minigpt4qwen serve --checkpoint RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8]
                        [--batching continuous|static]
 
-Requests are grouped into batches that run to their end through HF generate (`--batching static`, batcher.py, the
-default), or join and leave a running decode batch at every step (`--batching continuous`, scheduler.py; its
-CUDA-graph path has not run on a GPU yet).
+Requests join and leave a running decode batch at every step (`--batching continuous`, scheduler.py, the default), or
+are grouped into batches that run to their end through HF generate (`--batching static`, batcher.py).
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
@@ -89,9 +88,9 @@ class ServeOptions:
     max_batch: int = 8
     """Answers decoded together: the continuous scheduler's KV-cache slots, or the static batch's rows."""
     batch_window_s: float = 0.01
-    batching: str = "static"
-    """"continuous": requests join and leave the running batch at every decode step (scheduler.py; not yet run on
-    a GPU); "static" (default): a batch runs to its end through HF generate while newcomers wait (batcher.py)."""
+    batching: str = "continuous"
+    """"continuous" (default): requests join and leave the running batch at every decode step (scheduler.py);
+    "static": a batch runs to its end through HF generate while newcomers wait (batcher.py)."""
     prefill_chunk: int = 512
     """continuous: prompt tokens prefilled between two decode steps (a longer prompt is split)."""
     slot_len: int | None = None
@@ -408,7 +407,10 @@ async def _collect(job: Job, events: asyncio.Queue) -> list[Finish]:
 
 
 async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format: role chunk, content deltas, finish chunk, [usage], [DONE]."""
+    """Server-sent events in OpenAI's chunk format: role chunk, content deltas, finish chunk, [usage], [DONE].
+
+    When the stream falls behind the decoder (deltas of one answer queue up while the event loop is busy), the queued
+    deltas go out as one chunk: the client gets the same text with fewer, larger chunks instead of a growing lag."""
     import json
 
     def chunk(choices: list[dict], **extra) -> str:
@@ -423,8 +425,15 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool)
     try:
         for i in range(job.n):
             yield chunk(choice(i, {"role": "assistant", "content": ""}))
+        held: list = []  # an event taken while merging deltas, to handle next
         while done < job.n:
-            ev = await events.get()
+            ev = held.pop() if held else await events.get()
+            while isinstance(ev, Delta) and not events.empty():  # behind: one chunk for the deltas already here
+                more = events.get_nowait()
+                if not (isinstance(more, Delta) and more.index == ev.index):
+                    held.append(more)
+                    break
+                ev = Delta(ev.index, ev.text + more.text)
             if isinstance(ev, Failure):
                 yield "data: " + json.dumps(_failed(ev).body()) + "\n\n"
                 break
@@ -443,12 +452,17 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool)
 # ---------------------------------------------------------------------- running
 
 
+def batching_of(args: argparse.Namespace) -> str:
+    """--batching as given; unset: continuous, or static with --compile-decode (a compiled HF-path decoder)."""
+    return args.batching or ("static" if getattr(args, "compile_decode", False) else "continuous")
+
+
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
     limits = ImageLimits(args.max_image_bytes, args.max_image_pixels, max_count=args.max_images,
                          max_request_pixels=args.max_request_pixels)
     return ServeOptions(
         model_name=args.model_name, api_key=args.api_key, allowed_hosts=list(args.allowed_hosts or []), limits=limits,
-        max_batch=args.max_batch, batching=args.batching, prefill_chunk=args.prefill_chunk,
+        max_batch=args.max_batch, batching=batching_of(args), prefill_chunk=args.prefill_chunk,
         slot_len=args.slot_len or None, max_tokens_limit=args.max_tokens_limit, max_text_chars=args.max_text_chars,
         max_request_bytes=args.max_request_bytes, max_decode_pixels=args.max_decode_pixels,
         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout,
@@ -463,7 +477,7 @@ def run_api(args: argparse.Namespace) -> int:
     if problem:  # before the model loads: a refused start costs nothing
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.batching == "continuous" and getattr(args, "compile_decode", False):
+    if batching_of(args) == "continuous" and getattr(args, "compile_decode", False):
         # the slot decoder's step has a shape per (rows, columns) bucket: torch.compile would recompile for each
         print("error: --compile-decode works with --batching static only (the continuous decoder runs a CUDA "
               "graph per batch shape; compiling each would take minutes)", file=sys.stderr)

@@ -55,11 +55,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="fetch http(s) image URLs from HOST (repeat; '*' for any); default: data: URLs only")
     p.add_argument("--max-batch", type=int, default=8,
                    help="most answers decoded together (continuous: KV-cache slots; static: rows of one batch)")
-    # static stays the default until continuous batching's CUDA-graph path has run on a GPU (it is CPU-tested)
-    p.add_argument("--batching", choices=("continuous", "static"), default="static",
-                   help="continuous: requests join and leave the running batch at every decode step (static KV "
-                        "cache, CUDA graphs on CUDA; new, not yet run on a GPU); static (default): a batch runs to "
-                        "its end through HF generate")
+    p.add_argument("--batching", choices=("continuous", "static"), default=None,
+                   help="continuous (default): requests join and leave the running batch at every decode step "
+                        "(static KV cache of --max-batch slots, CUDA graphs on CUDA); static: a batch runs to its "
+                        "end through HF generate (the default with --compile-decode, which continuous refuses)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="continuous: prompt tokens prefilled between two decode steps (longer prompts are split)")
     p.add_argument("--slot-len", type=int, default=0,

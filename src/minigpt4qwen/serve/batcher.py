@@ -4,9 +4,9 @@ A worker thread takes the pending jobs that share sampling settings (up to `max_
 `window_s` for company) and runs them through the shared generation path (`Assistant` template, image preprocessing,
 left-padded embeddings, HF generate). Each row's text is streamed per decoding step and each row stops on its own
 (end of turn, its own `max_tokens`, a stop string, or a client that went away) while the rest of the batch goes on.
-Jobs that arrive while a batch runs wait for the next one (batch-level batching: `serve --batching static`, the
-default; token-level continuous batching, `--batching continuous`, is scheduler.py, which shares this module's job,
-event and row types).
+Jobs that arrive while a batch runs wait for the next one (batch-level batching: `serve --batching static`;
+token-level continuous batching, `--batching continuous`, the default, is scheduler.py, which shares this module's
+job, event and row types).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +27,16 @@ from .generate import Assistant, GenerationSettings
 
 log = logging.getLogger(__name__)
 
-_HIDDEN_TAIL = re.compile(r"[\s\ufffd]+$")
-"""Trailing whitespace may be stripped at the end and U+FFFD may be half a UTF-8 character: hold both back."""
+
+
+def _hidden_tail(text: str) -> str:
+    """`text` without its trailing whitespace and U+FFFD: whitespace may be stripped at the end and U+FFFD may be half
+    a UTF-8 character, so both are held back (rstrip: no regex scan of the whole answer at every token)."""
+    while True:
+        cut = text.rstrip().rstrip("\ufffd")
+        if cut == text:
+            return text
+        text = cut
 
 
 @dataclass
@@ -78,13 +85,22 @@ class Job:
 
 
 class _Row:
-    """One answer being decoded: its tokens, the text already sent, why it stopped."""
+    """One answer being decoded: its tokens, the text already sent, why it stopped.
+
+    The text grows incrementally (the windowed detokenisation of TGI and vLLM): each token decodes only the tokens
+    since the last complete character, not the whole answer again, so a step costs the same at token 10 and token
+    2,000. The final text is one full decode, so it equals `tokenizer.decode(tokens)` exactly.
+    """
 
     def __init__(self, job: Job, index: int) -> None:
         self.job, self.index = job, index
         self.tokens: list[int] = []
         self.sent = ""
         self.done = False
+        self.text = ""
+        """tokens[:_read] decoded."""
+        self._prefix = 0  # tokens[_prefix:_read] is the context the next decode starts from
+        self._read = 0
 
     def visible(self, text: str) -> tuple[str, bool]:
         """(answer so far, hit a stop string): leading whitespace dropped, cut before the first stop string."""
@@ -97,22 +113,35 @@ class _Row:
             self.job.on_event(Delta(self.index, safe[len(self.sent):]))
             self.sent = safe
 
+    def _grow(self, tokenizer) -> str:
+        """Decode the new tokens in the context of the previous ones; a token that ends inside a UTF-8 character
+        (U+FFFD at the end) waits for the next."""
+        before = tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
+        return self.text
+
+    def full_text(self, tokenizer) -> str:
+        return tokenizer.decode(self.tokens, skip_special_tokens=True)
+
     def advance(self, token: int, tokenizer, stop_ids: set[int] | list[int]) -> None:
         """Take the row's next token: stream what is safe to show, finish on a stop id, stop string or max_tokens.
 
         Shared by both batching modes (the static batch's stopping criterion and the continuous scheduler)."""
         if token in stop_ids:
-            self.finish(self.visible(tokenizer.decode(self.tokens, skip_special_tokens=True))[0], "stop")
+            self.finish(self.visible(self.full_text(tokenizer))[0], "stop")
             return
         self.tokens.append(token)
-        text, hit_stop = self.visible(tokenizer.decode(self.tokens, skip_special_tokens=True))
+        text, hit_stop = self.visible(self._grow(tokenizer))
         if hit_stop:
-            self.finish(text, "stop")
+            self.finish(self.visible(self.full_text(tokenizer))[0], "stop")
         elif len(self.tokens) >= self.job.settings.max_new_tokens:
-            self.finish(text, "length")
+            self.finish(self.visible(self.full_text(tokenizer))[0], "length")
         else:
             hold = max((len(s) for s in self.job.stop), default=1) - 1  # a stop string may be starting
-            self.emit_until(_HIDDEN_TAIL.sub("", text[: len(text) - hold]))
+            self.emit_until(_hidden_tail(text[: len(text) - hold]))
 
     def finish(self, text: str, reason: str) -> None:
         final = text.rstrip()
@@ -122,7 +151,6 @@ class _Row:
             log.warning("streamed text diverged from the final decode; the stream keeps what it sent")
         self.done = True
         self.job.on_event(Finish(self.index, reason, final, len(self.tokens)))
-
 
 class BatchStreamer(StoppingCriteria):
     """Per-row streaming and stopping for a batch, hooked in as a stopping criterion.
@@ -152,7 +180,7 @@ class BatchStreamer(StoppingCriteria):
         """Rows still open when generate returns ran into the batch's length limit."""
         for row in self.rows:
             if not row.done:
-                row.finish(row.visible(self.tokenizer.decode(row.tokens, skip_special_tokens=True))[0], "length")
+                row.finish(row.visible(row.full_text(self.tokenizer))[0], "length")
 
 
 class Worker:

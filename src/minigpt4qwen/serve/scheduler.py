@@ -1,14 +1,21 @@
-"""Token-level continuous batching for the API server (`serve --batching continuous`; static is the default until
-this has run on a GPU).
+"""Token-level continuous batching for the API server (`serve --batching continuous`, the default).
 
     scheduler = Scheduler(assistant, max_batch=64)
     scheduler.submit(Job(turns, images, settings, on_event))   # from any thread; events come from the worker
 
 One worker thread owns a `SlotDecoder` (a static KV cache of `max_batch` slots, CUDA graphs on CUDA) and loops:
-drop the rows of clients that went away (their slots free at once); prefill waiting requests into free slots, at most
-`prefill_chunk` prompt tokens per iteration (a long prompt is split over iterations); then one decode step for every
-slot in use. A request therefore joins the running batch at the next step boundary and leaves it when it stops, and
-while a newcomer is prefilled the others lose at most one chunk's time (plus its image encoding) between two tokens.
+drop the rows of clients that went away (their slots free at once); admit the waiting requests that have free slots,
+all at once (one template + image-encoding pass for all of them); prefill admitted prompts, at most `prefill_chunk`
+prompt tokens per iteration, the prompts that fit together in one forward pass (a prompt longer than the chunk alone,
+split over iterations); then one decode step for every slot in use. A request therefore joins the running batch at
+the next step boundary and leaves it when it stops, and while newcomers are prefilled the others lose at most one
+chunk's time (plus one admission's image encoding) between two tokens.
+
+When every row in the step decodes greedily (the common case), the step's tokens are chosen on the GPU and written
+back into the decoder's input there, and steps are pipelined: step k+1 is queued on the device before the host reads
+and streams step k's tokens (waiting for them without the interpreter lock), so the host's work per token (text,
+stop strings, events, the HTTP stream) overlaps the device's. A row that ends at step k was already given step k+1;
+that token is dropped, and its slot is freed after it in the device's order. One column of each slot is spare for it.
 
 Each row samples on its own after the step, through transformers' logits processors (repetition penalty,
 temperature, top-k, top-p, in `generate`'s order) and `torch.multinomial`, with a `torch.Generator` per seeded
@@ -80,7 +87,7 @@ def slot_len(assistant: Assistant, slots: int, wanted: int) -> int:
     return max(16, min(wanted, fits))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     """A job being prefilled or decoded: its rows, their slots, and what they share (prompt, generator)."""
 
@@ -88,10 +95,28 @@ class _Request:
     rows: list[_Row]
     slots: list[int]
     embeds: torch.Tensor | None = None
+    """The prompt's input embeddings (1, T, d) until it is prefilled."""
     prefilled: int = 0
     generator: torch.Generator | None = None
     procs: LogitsProcessorList = field(default_factory=LogitsProcessorList)
     failed: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        """Its next token is the argmax of the logits: chosen on the device, with the other greedy rows."""
+        s = self.job.settings
+        return not s.do_sample and s.repetition_penalty == 1.0 and not self.failed
+
+
+@dataclass(eq=False)
+class _Step:
+    """A greedy decode step queued on the device whose tokens the host has not read yet."""
+
+    rows: dict[int, "_Active"]
+    """slot -> the row it decoded for (a slot freed and reused since then is not that row any more)."""
+    tokens: torch.Tensor
+    """The step's tokens per slot, copied to (pinned) host memory once `ready`."""
+    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -118,8 +143,11 @@ class Scheduler(Worker):
         self.max_len = slot_len(assistant, self.max_batch, min(context, max_len or assistant.max_txt_len + 2048))
         self.prefill_chunk = max(1, prefill_chunk)
         self._waiting: deque[Job] = deque()
-        self._prefill: _Request | None = None
+        self._ready: deque[_Request] = deque()  # admitted (slots taken, prompt embedded), waiting for prefill
+        self._prefill: _Request | None = None  # a prompt longer than one chunk, being prefilled over iterations
         self._active: dict[int, _Active] = {}
+        self._inflight: _Step | None = None  # the greedy step queued on the device, not yet read
+        self._host_tokens: list[torch.Tensor] = []  # two pinned buffers: one step written while the other is read
         self._free = list(range(self.max_batch))  # a heap: the lowest free slot first keeps decode steps narrow
         self._closing = False
         self.decoder: SlotDecoder | None = None
@@ -137,7 +165,7 @@ class Scheduler(Worker):
     # ------------------------------------------------------------------ worker
 
     def _busy(self) -> bool:
-        return bool(self._waiting or self._prefill or self._active)
+        return bool(self._waiting or self._ready or self._prefill or self._active or self._inflight)
 
     def _take_new(self) -> None:
         """Move submitted jobs to the waiting line; block for one only when there is nothing else to do."""
@@ -159,8 +187,11 @@ class Scheduler(Worker):
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this thread's captures and syncs happen on the model's GPU
         with self.assistant.lock:
-            self.decoder = SlotDecoder(self.assistant.model.llm, self.max_batch, self.max_len, fuse=True,
+            # one column spare per slot: the pipelined step after a row's last token writes there (module doc)
+            self.decoder = SlotDecoder(self.assistant.model.llm, self.max_batch, self.max_len + 1, fuse=True,
                                        compile=self.assistant.compile_decoder)
+            pinned = device.type == "cuda"
+            self._host_tokens = [torch.zeros(self.max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
             start = time.perf_counter()
             n = self.decoder.capture_all()
         if n:
@@ -195,11 +226,14 @@ class Scheduler(Worker):
     def _broken(self, exc: BaseException) -> None:
         """No GPU work is possible any more: every request still running, waiting or still to come gets a Failure,
         without touching the device, so that no client waits for a stream that cannot come."""
-        for req in [a.request for a in self._active.values()] + ([self._prefill] if self._prefill else []):
+        for req in [a.request for a in self._active.values()] + list(self._ready) + \
+                ([self._prefill] if self._prefill else []):
             if not req.failed:  # a request's rows share one _Request: it fails once
                 req.failed = True
                 req.job.on_event(Failure(exc))
         self._active.clear()
+        self._inflight = None
+        self._ready.clear()
         self._prefill = None
         while True:
             while self._waiting:
@@ -209,29 +243,43 @@ class Scheduler(Worker):
             self._take_new()  # nothing is busy now: blocks for the next job (or close)
 
     def _fail_all(self, exc: BaseException, prefill: bool = True) -> None:
-        """Fail the decoding requests, and (`prefill`) the one being prefilled."""
+        """Fail the decoding requests, and (`prefill`) those admitted but not yet decoding."""
         for req in {id(a.request): a.request for a in self._active.values()}.values():
             self._fail(req, exc)
-        if prefill and self._prefill is not None:
-            req, self._prefill = self._prefill, None
-            self._fail(req, exc)
+        if prefill:
+            waiting = list(self._ready) + ([self._prefill] if self._prefill is not None else [])
+            self._ready.clear()
+            self._prefill = None
+            for req in waiting:
+                self._fail(req, exc)
 
     def _iteration(self) -> None:
         self._drop_cancelled()
         budget = self.prefill_chunk
         while budget > 0:
-            if self._prefill is None:
-                self._prefill = self._admit()
-                if self._prefill is None:
+            if self._prefill is not None:
+                budget -= self._prefill_chunk(self._prefill, budget)
+                continue
+            if not self._ready:
+                self._admit()
+                if not self._ready:
                     break
-            budget -= self._prefill_chunk(self._prefill, budget)
-        if self._active:
+            group = []
+            while self._ready and sum(r.embeds.shape[1] for r in group) + self._ready[0].embeds.shape[1] <= budget:
+                group.append(self._ready.popleft())
+            if not group:  # the next prompt is longer than what is left of the budget: in chunks, alone
+                self._prefill = self._ready.popleft()
+                continue
+            budget -= self._prefill_group(group)
+        if self._active or self._inflight:
             self._decode_step()
 
     # ------------------------------------------------------------------ joining
 
-    def _admit(self) -> _Request | None:
-        """The oldest waiting job, once it has a slot per answer, with its prompt embedded; None if none can start."""
+    def _admit(self) -> None:
+        """Every waiting job that has a slot per answer, in order (a job that has to wait for slots stops the line),
+        taken into `_ready` with its prompt embedded: one template and image-encoding pass for all of them."""
+        reqs = []
         while self._waiting:
             job = self._waiting[0]
             if job.cancelled:
@@ -242,25 +290,60 @@ class Scheduler(Worker):
                 job.on_event(Failure(ValueError(f"n={job.n} exceeds the server's {self.max_batch} slots")))
                 continue
             if len(self._free) < job.n:
-                return None  # first come, first served: later jobs do not overtake it
+                break  # first come, first served: later jobs do not overtake it
             self._waiting.popleft()
-            req = _Request(job, [_Row(job, i) for i in range(job.n)], [heapq.heappop(self._free) for _ in range(job.n)])
-            try:
-                req.embeds, _ = self.assistant.prepare([job.turns], [job.images])
-                p = req.embeds.shape[1]
-                # one column spare: warming up a new CUDA graph runs the step twice, writing K/V one column ahead
-                if p + job.settings.max_new_tokens > self.max_len:
-                    raise ValueError(f"prompt of {p} tokens + max_tokens {job.settings.max_new_tokens} exceeds the "
-                                     f"server's {self.max_len} positions per answer")
-                req.procs = processors(job.settings)
-                if job.settings.do_sample and job.settings.seed is not None:
-                    req.generator = torch.Generator(self.decoder.device).manual_seed(job.settings.seed)
-            except Exception as exc:  # noqa: BLE001 -- any error here is this request's, reported to it
+            reqs.append(_Request(job, [_Row(job, i) for i in range(job.n)],
+                                 [heapq.heappop(self._free) for _ in range(job.n)]))
+        if not reqs:
+            return
+        try:
+            self._embed(reqs)
+        except Exception as exc:  # noqa: BLE001 -- one by one below, which gives the error to its own request
+            if len(reqs) == 1:
                 log.warning("request refused before decoding: %s", exc)
-                self._fail(req, exc)
-                continue
-            return req
-        return None
+                self._fail(reqs[0], exc)
+                return
+            for req in reqs:
+                try:
+                    self._embed([req])
+                except Exception as one:  # noqa: BLE001 -- this request's error, reported to it
+                    log.warning("request refused before decoding: %s", one)
+                    self._fail(req, one)
+        self._ready.extend(r for r in reqs if not r.failed)
+
+    def _embed(self, reqs: list[_Request]) -> None:
+        """Template, images and input embeddings of `reqs` in one batch; each keeps its own rows (padding cut)."""
+        embeds, mask = self.assistant.prepare([r.job.turns for r in reqs], [r.job.images for r in reqs])
+        lengths = mask.sum(-1).tolist()
+        for req, p, e in zip(reqs, lengths, embeds, strict=True):
+            settings = req.job.settings
+            if p + settings.max_new_tokens > self.max_len:
+                raise ValueError(f"prompt of {p} tokens + max_tokens {settings.max_new_tokens} exceeds the "
+                                 f"server's {self.max_len} positions per answer")
+        for req, p, e in zip(reqs, lengths, embeds, strict=True):
+            req.embeds = e[None, e.shape[0] - p:]
+            req.procs = processors(req.job.settings)
+            if req.job.settings.do_sample and req.job.settings.seed is not None:
+                req.generator = torch.Generator(self.decoder.device).manual_seed(req.job.settings.seed)
+
+    def _prefill_group(self, group: list[_Request]) -> int:
+        """Prefill the whole prompts of `group` in one forward pass and start their rows; returns the tokens run."""
+        tokens = sum(r.embeds.shape[1] for r in group)
+        try:
+            logits = self.decoder.prefill_many([r.slots[0] for r in group], [r.embeds for r in group])
+        except Exception as exc:  # noqa: BLE001 -- alone, each request meets its own error (or none)
+            if len(group) == 1:
+                log.warning("prefill failed: %s", exc)
+                self._fail(group[0], exc)
+                return tokens
+            log.warning("prefill of %d prompts together failed (%s); one by one", len(group), exc)
+            for req in group:
+                self._prefill_chunk(req, req.embeds.shape[1])
+            return tokens
+        for i, req in enumerate(group):
+            req.prefilled = req.embeds.shape[1]
+            self._start(req, logits[i:i + 1])
+        return tokens
 
     def _prefill_chunk(self, req: _Request, budget: int) -> int:
         """Prefill up to `budget` more prompt tokens of `req`; on the last chunk its rows start decoding."""
@@ -268,48 +351,111 @@ class Scheduler(Worker):
         t = min(budget, p - req.prefilled)
         try:
             logits = self.decoder.prefill(req.slots[0], req.embeds[:, req.prefilled:req.prefilled + t], req.prefilled)
-            req.prefilled += t
-            if req.prefilled == p:
-                for slot in req.slots[1:]:
-                    self.decoder.copy_slot(req.slots[0], slot, p)
-                first = self._choose([(row, req) for row in req.rows], logits.expand(len(req.rows), -1))
         except Exception as exc:  # noqa: BLE001 -- reported to its request, the others go on
             log.warning("prefill failed: %s", exc)
-            self._prefill = None
+            if self._prefill is req:
+                self._prefill = None
             self._fail(req, exc)
             return max(t, 1)
-        if req.failed:  # its sampling failed (and reported)
-            self._prefill = None
-        elif req.prefilled == p:
-            self._prefill = None
-            req.embeds = None  # the cache holds the prompt now
-            for row, slot, token in zip(req.rows, req.slots, first, strict=True):
-                self._active[slot] = _Active(row, req, token, p)
-                self._accept(slot, token)
+        req.prefilled += t
+        if req.prefilled == p:
+            if self._prefill is req:
+                self._prefill = None
+            self._start(req, logits)
         return t
+
+    def _start(self, req: _Request, logits: torch.Tensor) -> None:
+        """The prompt of `req` is in its first slot and `logits` (1, vocab) follow it: copy the prompt to the other
+        answers' slots, choose each row's first token and start decoding them."""
+        p = req.embeds.shape[1]
+        try:
+            for slot in req.slots[1:]:
+                self.decoder.copy_slot(req.slots[0], slot, p)
+            first = self._choose([(row, req) for row in req.rows], logits.expand(len(req.rows), -1))
+        except Exception as exc:  # noqa: BLE001 -- reported to its request, the others go on
+            log.warning("starting a request failed: %s", exc)
+            self._fail(req, exc)
+            return
+        if req.failed:  # its sampling failed (and reported)
+            return
+        req.embeds = None  # the cache holds the prompt now
+        req.prefilled = p
+        dec = self.decoder
+        index = torch.tensor(req.slots, device=dec.device)
+        dec.tok[index, 0] = torch.tensor(first, device=dec.device)
+        dec.live[index, 0] = 1
+        for row, slot, token in zip(req.rows, req.slots, first, strict=True):
+            self._active[slot] = _Active(row, req, token, p)
+        for slot, token in zip(req.slots, first, strict=True):
+            self._accept(slot, token)
 
     # ------------------------------------------------------------------ decoding
 
     def _decode_step(self) -> None:
-        dec = self.decoder
-        width = max(self._active) + 1
-        tokens, live = [0] * width, [0] * width
-        for slot, a in self._active.items():
-            tokens[slot], live[slot] = a.token, 1
-        dec.tok[:width, 0] = torch.tensor(tokens)
-        dec.live[:width, 0] = torch.tensor(live)
+        """Queue the next greedy step, then stream the one before it; rows that sample: one step, synchronously."""
+        greedy = bool(self._active) and all(a.request.greedy for a in self._active.values())
+        launched = self._launch() if greedy else None
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._consume(previous)
+        if not greedy and self._active:
+            self._sampled_step()
+
+    def _run_step(self, lead: int) -> torch.Tensor | None:
+        """One decode step over the slots in use (`lead`: positions the device may be ahead of `_Active.pos`); its
+        logits, or None when it failed (its rows are failed)."""
         self.most_rows = max(self.most_rows, len(self._active))
         try:
-            logits = dec.decode(width, max(a.pos for a in self._active.values()) + 1)
+            logits = self.decoder.decode(max(self._active) + 1, max(a.pos for a in self._active.values()) + 1 + lead)
         except Exception as exc:  # one forward pass over every row: all of them are affected
             log.exception("decode step over %d rows failed", len(self._active))
-            self._fail_all(exc, prefill=False)  # the request being prefilled was not in the step
-            return
+            self._fail_all(exc, prefill=False)  # the requests being prefilled were not in the step
+            return None
         self.steps += 1
-        order = sorted(self._active, key=lambda s: self._active[s].row.index)  # a shared generator draws in row order
-        chosen = self._choose([(self._active[s].row, self._active[s].request) for s in order],
-                              logits[torch.tensor(order, device=logits.device)])
-        for slot, token in zip(order, chosen, strict=True):
+        return logits
+
+    def _launch(self) -> _Step | None:
+        """Queue a greedy step: tokens chosen and fed back on the device, and copied to the host asynchronously."""
+        rows = dict(self._active)
+        logits = self._run_step(lead=1)  # the step still in flight advanced the positions by one
+        if logits is None:
+            return None
+        picked = logits.argmax(-1)
+        self.decoder.tok[: picked.shape[0], 0].copy_(picked)
+        self._host_tokens.reverse()
+        host = self._host_tokens[0][: picked.shape[0]]
+        host.copy_(picked, non_blocking=True)
+        ready = None
+        if picked.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Step(rows, host, ready)
+
+    def _consume(self, step: _Step) -> None:
+        """Stream the tokens of a queued step to the rows it decoded for that are still running."""
+        if step.ready is not None:
+            step.ready.synchronize()  # without the interpreter lock: the HTTP side runs meanwhile
+        tokens = step.tokens.tolist()
+        for slot, a in step.rows.items():
+            if self._active.get(slot) is a:  # not ended, failed or cancelled since the launch
+                a.pos += 1
+                a.token = tokens[slot]
+                self._accept(slot, tokens[slot])
+
+    def _sampled_step(self) -> None:
+        """A step with rows that sample: tokens chosen on the host (processors, per-request generators)."""
+        dec = self.decoder
+        logits = self._run_step(lead=0)
+        if logits is None:
+            return
+        order = sorted(self._active, key=lambda s: self._active[s].row.index)  # a shared generator: row order
+        picks = self._choose([(self._active[s].row, self._active[s].request) for s in order],
+                             logits[torch.tensor(order, device=logits.device)])
+        chosen = [(slot, token) for slot, token in zip(order, picks, strict=True) if token >= 0]
+        if chosen:
+            slots, tokens = zip(*chosen, strict=True)
+            dec.tok[torch.tensor(slots, device=dec.device), 0] = torch.tensor(tokens, device=dec.device)
+        for slot, token in chosen:
             a = self._active.get(slot)
             if a is not None:  # None: its request failed while choosing
                 a.pos += 1
@@ -376,8 +522,13 @@ class Scheduler(Worker):
         for slot in [s for s, a in self._active.items() if a.row.job.cancelled]:
             self._active[slot].row.done = True
             self._release(slot)
+        gone = [r for r in self._ready if r.job.cancelled]
+        if gone:
+            self._ready = deque(r for r in self._ready if not r.job.cancelled)
         if self._prefill is not None and self._prefill.job.cancelled:
-            req, self._prefill = self._prefill, None
+            gone.append(self._prefill)
+            self._prefill = None
+        for req in gone:
             for row, slot in zip(req.rows, req.slots, strict=True):
                 row.done = True
                 self._release(slot)

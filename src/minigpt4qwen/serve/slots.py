@@ -47,12 +47,17 @@ class SlotDecoder(FastDecoder):
             self.zero = torch.zeros((), dtype=self.dtype)
             self.masked = torch.full((), self.neg, dtype=self.dtype)
         self._row0 = 0  # first cache row `_write_kv` addresses (prefill writes one slot)
+        self._rows: torch.Tensor | None = None  # the slots `prefill_many` writes, one per batch row
         mode = compile if isinstance(compile, str) else None
         self._step = torch.compile(self._slot_step, dynamic=False, mode=mode) if compile else self._slot_step
 
     def _write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor,
                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = k.shape[0]
+        if self._rows is not None:  # whole prompts of several slots from column 0: they attend to themselves only
+            self.keys[i][self._rows[:, None], :, slots[None, :]] = k.permute(0, 2, 1, 3)
+            self.values[i][self._rows[:, None], :, slots[None, :]] = v.permute(0, 2, 1, 3)
+            return k, v
         keys, values = self.keys[i, self._row0:self._row0 + b], self.values[i, self._row0:self._row0 + b]
         if slots.dim() == 1:  # prefill: the same columns for the (one) row
             keys.index_copy_(2, slots, k)
@@ -97,6 +102,33 @@ class SlotDecoder(FastDecoder):
             self._row0 = 0
         self.pos[slot, 0] = end
         return logits
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: list[int], embeds: list[torch.Tensor]) -> torch.Tensor:
+        """Whole prompts (embeds[i]: (1, T_i, d)) into `slots[i]`, all in one forward pass: requests that arrive
+        together share one pass over the weights instead of one each. Rows are right-padded to the longest; a
+        padded position comes after its row's prompt, so the causal mask already hides it from the real ones, and
+        the K/V it writes lies past the row's position, where decoding overwrites it before reading it.
+
+        Returns each prompt's next-token logits (len(slots), vocab); each slot's position is set to its length.
+        """
+        lengths = [e.shape[1] for e in embeds]
+        t = max(lengths)
+        if t > self.max_len:
+            raise ValueError(f"prompt of {t} positions exceeds the slot length {self.max_len}")
+        x = nn.utils.rnn.pad_sequence([e[0].to(self.device, self.dtype) for e in embeds], batch_first=True)
+        positions = torch.arange(t, device=self.device)
+        bias = torch.where(self.cols[:t][None, :] <= positions[:, None], self.zero, self.masked)[None, None]
+        rows = torch.tensor(slots, device=self.device)
+        last = torch.tensor(lengths, device=self.device) - 1
+        self._rows = rows
+        try:
+            h = self._hidden(x, positions.expand(len(slots), t), positions, bias, t)
+        finally:
+            self._rows = None
+        h = h[torch.arange(len(slots), device=self.device), last]
+        self.pos[rows, 0] = last + 1
+        return self.lm_head(self.decoder.norm(h)).float()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Give `dst` the prompt cache of `src` (the n answers of one request share one prefill)."""
