@@ -7,6 +7,8 @@ import json
 
 from test_bench import _one_thread  # noqa: F401  (autouse: one thread for tiny matrices on a busy CPU)
 
+import pytest
+
 from minigpt4qwen import bench
 from minigpt4qwen.bench.eval import image_pool, write_mmbench, write_mme, write_pope
 from minigpt4qwen.eval import mmbench
@@ -25,6 +27,10 @@ def test_bench_eval_suite_all_on_cpu(tmp_path):
     assert (by["eval-pope"]["questions"], by["eval-pope"]["asked"]) == (6, 6)  # 2 per split x 3 splits
     assert (by["eval-mmbench"]["questions"], by["eval-mmbench"]["asked"]) == (2, 8)  # 4 options each: 4 rotations
     assert by["eval-pope"]["max_new_tokens"] == 2 and by["eval-mme"]["batch_size"] == 4
+    for name in ("mme", "pope", "mmbench"):  # where the time went: the phases add up to the benchmark's time
+        r = by[f"eval-{name}"]
+        assert r["prepare_s"] > 0 and r["text_s"] > 0 and r["decode_s"] == 0  # CPU: HF generate, not FastDecoder
+        assert r["prepare_s"] + r["text_s"] + r["decode_s"] + r["other_s"] == pytest.approx(r["total_s"], abs=1e-5)
     total = by["eval-total"]
     assert total["asked"] == 18 and total["benchmarks"] == ["mme", "pope", "mmbench"] and "error" not in total
     combined = json.loads((data / "out" / "summary.json").read_text())  # what `eval all` writes

@@ -222,3 +222,17 @@ def test_eval_mmbench_cli_on_tiny_run(tiny_run: Path, tmp_path: Path, capsys: py
     assert set(summary["categories"]) == {"color", "count"}
     assert len((out / "submission.tsv").read_text().splitlines()) == 5
     assert "MMBench accuracy" in capsys.readouterr().out
+
+
+def test_answers_with_control_characters_still_give_a_submission(tmp_path: Path) -> None:
+    """A model may answer with any token, control characters included (a random 7B did): the worksheet gets the
+    answer without them instead of the whole evaluation failing at its last step."""
+    tsv = _write_tsv(tmp_path / "mmbench_dev.tsv")
+    answers = ["B\x14", "A", "bird\x00\x1f", "C"]
+    mmbench.evaluate_mmbench(_fake(answers, []), mmbench.read_mmbench(tsv), tmp_path / "out", circular=False,
+                             progress=False)
+    from openpyxl import load_workbook
+
+    sheet = load_workbook(tmp_path / "out" / "submission.xlsx", read_only=True).active
+    predictions = [row[6] for row in sheet.iter_rows(values_only=True)][1:]
+    assert predictions == ["B", "A", "bird", "C"]

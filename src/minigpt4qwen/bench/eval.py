@@ -170,6 +170,31 @@ def write_mmbench(path: Path, questions: int, pool: list[bytes]) -> Path:
     return path
 
 
+def _time_phases(assistant: Assistant, device: torch.device) -> dict[str, float]:
+    """Seconds spent (device-synced) in the assistant's phases, summed until reset: `prepare_s` (template, image
+    tensors, vision tower, Q-Former, input embeddings), `decode_s` (prefill and greedy decoding), `text_s` (turning
+    answer tokens into text). What a benchmark's time has beyond them (`other_s`) is waiting for images the loader
+    threads have not decoded yet, scoring and writing."""
+    phases = {"prepare_s": 0.0, "decode_s": 0.0, "text_s": 0.0}
+
+    def wrap(obj, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            stop = timer(device)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[key] += stop()
+
+        setattr(obj, name, timed)
+
+    wrap(assistant, "prepare", "prepare_s")
+    wrap(assistant, "_fast_decode", "decode_s")
+    wrap(assistant.tokenizer, "batch_decode", "text_s")
+    return phases
+
+
 def suite_section(bench: Bench) -> None:
     """Write the chosen benchmarks' files, then time reading them and `eval all`'s answering, scoring and writing."""
     a = bench.args
@@ -192,12 +217,16 @@ def suite_section(bench: Bench) -> None:
                                  bench.model.image_token_id)
         assistant = Assistant(bench.model, bench.tokenizer, template, ImageProcessor(bench.image_size, train=False))
         tokens = {name: a.eval_new_tokens or DEFAULT_NEW_TOKENS[name] for name in chosen}
+        phases = _time_phases(assistant, bench.device)
         bench.reset_peak()
 
         def done(name: str, r: dict) -> None:
+            spent = dict(phases)
+            spent["other_s"] = r["seconds"] - sum(phases.values())
+            phases.update(dict.fromkeys(phases, 0.0))
             bench.emit({"variant": f"eval-{name}", "questions": r["questions"], "asked": r["asked"],
                         "total_s": r["seconds"], "asked_per_s": r["asked"] / r["seconds"], "batch_size": a.eval_batch,
-                        "max_new_tokens": tokens[name], "peak_mem_gib": bench.peak_mem_gib()})
+                        "max_new_tokens": tokens[name], **spent, "peak_mem_gib": bench.peak_mem_gib()})
 
         combined = evaluate_suite(lambda name: AssistantAnswers(assistant, tokens[name]), suite, root / "out",
                                   a.eval_batch, progress=False, on_done=done)

@@ -266,12 +266,13 @@ def write_answers(out_dir: str | Path, questions: Sequence[Question], answers: M
         writer.writerow(columns)
         writer.writerows(rows)
     from openpyxl import Workbook  # the .xlsx the OpenCompass server takes; the TSV is for reading and diffing
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
     book = Workbook(write_only=True)
     sheet = book.create_sheet()
     sheet.append(columns)
-    for row in rows:
-        sheet.append(row)
+    for row in rows:  # control characters (a model may answer with any token) cannot be stored in a worksheet
+        sheet.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in row])
     book.save(out_dir / "submission.xlsx")
 
 
