@@ -130,6 +130,28 @@ def test_fp8_training_losses_close_to_fp32(tmp_path, shapes_data, emulate, wide_
     assert runs["once"] == runs["tensorwise"]  # frozen LLM: casting once is the same arithmetic
 
 
+def test_fp8_training_batches_hold_a_token_count_divisible_by_16(tmp_path, shapes_data, emulate, monkeypatch):
+    """torch._scaled_mm refuses a token count not divisible by 16 (the weight gradient's matmul runs over it; the
+    H200 failed at the first backward of a 4 x 78-position batch): with train.fp8 every batch's length is padded to
+    a multiple of 16, without it the lengths stay as they are."""
+    from minigpt4qwen.train import loop
+
+    widths: list[int] = []
+    collate = loop.collate
+
+    def recording(*args, **kwargs):
+        batch = collate(*args, **kwargs)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(loop, "collate", recording)
+    train(tiny_config(tmp_path / "plain", shapes_data, "train.max_steps=3"))
+    assert any(w % 16 for w in widths)  # the data has lengths that need the padding
+    widths.clear()
+    train(tiny_config(tmp_path / "fp8", shapes_data, "train.max_steps=3", "train.fp8=tensorwise"))
+    assert widths and all(w % 16 == 0 for w in widths)
+
+
 @pytest.fixture
 def one_process_group(monkeypatch):
     """The env:// variables of a one-process group (as init_distributed sets them), undone after the test."""

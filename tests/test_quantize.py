@@ -128,7 +128,7 @@ def test_chat_quantize_int8_answers_end_to_end(tmp_path, shapes_data, wide_llm, 
     said = chat(capsys, run, image, QUESTIONS[0], 6)  # without --quantize: the baseline process
     capsys.readouterr()
     argv = ["chat", "--checkpoint", run, "--image", image, "--query", QUESTIONS[0], "--max-new-tokens", 6,
-            "--quantize", "int8"]
+            "--quantize", "int8", "--device", "cpu"]
     assert main([str(a) for a in argv]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer

@@ -45,12 +45,13 @@ def make_run(root: Path, *overrides: str, lora_std: float = 0.0) -> Path:
 
 
 def chat(capsys, run: Path, images: Path | list[Path], question: str, max_new_tokens: int = MAX_NEW) -> str:
-    """`chat --query`'s printed answer."""
+    """`chat --query`'s printed answer, on CPU (what the tests compare it with runs there, also on a GPU machine)."""
     from minigpt4qwen.__main__ import main
 
     capsys.readouterr()
     flags = [a for image in (images if isinstance(images, list) else [images]) for a in ("--image", image)]
-    argv = ["chat", "--checkpoint", run, *flags, "--query", question, "--max-new-tokens", max_new_tokens]
+    argv = ["chat", "--checkpoint", run, *flags, "--query", question, "--max-new-tokens", max_new_tokens,
+            "--device", "cpu"]
     assert main([str(a) for a in argv]) == 0
     return capsys.readouterr().out.strip()
 

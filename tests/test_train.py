@@ -316,3 +316,26 @@ def test_padding_to_a_multiple_keeps_the_losses(tmp_path, shapes_data):
     plain = train(tiny_config(tmp_path / "plain", shapes_data, "train.max_steps=3", "data.pad_to_multiple_of=1"))
     padded = train(tiny_config(tmp_path / "pad", shapes_data, "train.max_steps=3", "data.pad_to_multiple_of=64"))
     assert losses(padded) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+
+
+def test_max_memory_gib_caps_the_gpu_and_is_refused_on_cpu(monkeypatch, tmp_path, shapes_data):
+    """train.max_memory_gib sets the per-process fraction of the GPU (what the 24 GB presets are checked with on a
+    larger card); more than the card has, or a CPU run, is one clear error before the model loads."""
+    import types
+
+    from minigpt4qwen.config import ConfigError
+    from minigpt4qwen.train import loop
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, str(d))))
+    loop.cap_memory(torch.device("cuda:0"), 24)
+    loop.cap_memory(torch.device("cuda:0"), 0)  # no cap: nothing set
+    assert calls == [(24 / 80, "cuda:0")]
+    with pytest.raises(ConfigError, match="max_memory_gib=96 is more than the 80.0 GiB of cuda:0"):
+        loop.cap_memory(torch.device("cuda:0"), 96)
+    built = []
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: built.append(1))
+    with pytest.raises(ConfigError, match="caps GPU memory; this run is on cpu"):
+        train(tiny_config(tmp_path / "run", shapes_data, "train.max_memory_gib=22"))
+    assert not built

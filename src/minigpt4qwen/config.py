@@ -215,6 +215,10 @@ class TrainConfig:
     MPP-LLaVA's SFT stage trains the unfrozen LLM at a lower rate than the projector. Same warmup/cosine shape."""
     report_memory: bool = True
     """On CUDA, log the peak allocated GPU memory of each step (`mem_gib` in log.jsonl, GiB, since setup)."""
+    max_memory_gib: float = 0.0
+    """Cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction): an allocation past the cap fails
+    with out-of-memory as it would on a card of that size. 0 = no cap. Checks that a preset for smaller cards fits,
+    on a larger one (configs/minigpt4qwen-7b-24gb*.yaml with train.max_memory_gib=24; scripts/gpu_24gb.sh)."""
     compile: bool = False
     """torch.compile each LLM decoder layer (dynamic shapes, one compile shared by all layers, ~15 s): fuses the
     RMSNorm / RoPE / SwiGLU / residual work between the matmuls. H100, 7B, batch 32: 72.7 -> 103.8 samples/s."""
@@ -253,6 +257,8 @@ class TrainConfig:
         if self.profile_steps and (len(self.profile_steps) != 2 or self.profile_steps[0] < 1
                                    or self.profile_steps[1] < 1):
             raise ConfigError(f"profile_steps must be [first, count] with both >= 1, got {self.profile_steps}")
+        if self.max_memory_gib < 0:
+            raise ConfigError(f"max_memory_gib must be >= 0 (0 = no cap), got {self.max_memory_gib}")
         if self.fp8 not in ("off", "tensorwise", "rowwise"):
             raise ConfigError(f"fp8 must be off, tensorwise or rowwise, got {self.fp8!r}")
         if self.fp8_frozen not in ("recast", "once"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .conversation import IGNORE_INDEX
@@ -18,14 +20,15 @@ LONG_ROW = 512
 
 
 def pad(rows: list, value: int, length: int | None = None, left: bool = False,
-        multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        multiple: int = 1, floor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The one padding routine (training batches, the bench, batched generation): token rows -> an (N, L) long
     tensor filled with `value` where a row has no token, and its 0/1 attention mask. L is the longest row, or
-    `length` if larger (fixed shapes), rounded up to `multiple` (AUTO_MULTIPLE: see there); `left` puts the
-    padding before the tokens."""
+    `length` if larger (fixed shapes), rounded up to `multiple` (AUTO_MULTIPLE: see there) and to `floor` (fp8
+    training: torch._scaled_mm needs the token count divisible by 16); `left` puts the padding before the tokens."""
     width = max([length or 0, *(len(r) for r in rows)])
     if multiple == AUTO_MULTIPLE:
         multiple = 64 if width >= LONG_ROW else 1
+    multiple = math.lcm(multiple, floor)
     width = -(-width // multiple) * multiple
     out = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -37,15 +40,15 @@ def pad(rows: list, value: int, length: int | None = None, left: bool = False,
 
 
 def collate(items: list[dict | None], pad_id: int, length: int | None = None, left: bool = False,
-            multiple: int = 1) -> dict:
+            multiple: int = 1, floor: int = 1) -> dict:
     """Skipped (None) items are dropped and counted in `skipped`. Padding: see `pad` (training uses the default,
     right padding to the batch's longest row)."""
     kept = [x for x in items if x is not None]
     batch: dict = {"skipped": len(items) - len(kept), "size": len(kept)}
     if not kept:
         return batch
-    ids, mask = pad([x["input_ids"] for x in kept], pad_id, length, left, multiple)
-    labels, _ = pad([x["labels"] for x in kept], IGNORE_INDEX, length, left, multiple)
+    ids, mask = pad([x["input_ids"] for x in kept], pad_id, length, left, multiple, floor)
+    labels, _ = pad([x["labels"] for x in kept], IGNORE_INDEX, length, left, multiple, floor)
     pixels = [x["pixel_values"] for x in kept if x["pixel_values"] is not None]
     feats = [x["features"] for x in kept if x.get("features") is not None]
     batch.update(

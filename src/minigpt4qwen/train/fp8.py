@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 EMULATE_ENV = "MINIGPT4QWEN_FP8_EMULATE"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_CAPABILITY = (8, 9)
+FP8_TOKEN_MULTIPLE = 16
+"""torch._scaled_mm needs every inner dimension divisible by 16, the token count too (the weight gradient's matmul
+runs over it): training batches with train.fp8 are padded to a sequence length divisible by this (padding is
+masked). Found on the H200: a 4-row batch of 78 positions (312 tokens) failed in the first backward."""
 
 
 def emulated() -> bool:

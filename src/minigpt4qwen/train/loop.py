@@ -43,7 +43,7 @@ from ..runs import (
     tmp_checkpoint_dir,
 )
 from .engines import Dist, Engine, build_engine, init_distributed, lr_at, oom_hint, param_groups, resolve_device
-from .fp8 import check_fp8, convert_fp8, fsdp_float8_all_gather
+from .fp8 import FP8_TOKEN_MULTIPLE, check_fp8, convert_fp8, fsdp_float8_all_gather
 from .liger import apply_liger, check_liger
 from .step import micro_step, supervised_tokens
 
@@ -253,6 +253,19 @@ def train(cfg: Config | None = None, resume: str | Path | None = None, overrides
             torch.distributed.destroy_process_group()
 
 
+def cap_memory(device: torch.device, gib: float) -> None:
+    """train.max_memory_gib: this process may allocate at most `gib` GiB of the GPU (0: no cap)."""
+    if gib <= 0:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.max_memory_gib caps GPU memory; this run is on {device} (set it to 0)")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise ConfigError(f"train.max_memory_gib={gib:g} is more than the {total / 2**30:.1f} GiB of {device}")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    log.info("GPU memory capped at %.1f GiB of %.1f (train.max_memory_gib)", gib, total / 2**30)
+
+
 def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Evaluator | None) -> Path:
     tc, device = cfg.train, dist_.device
     if dist_.main:
@@ -265,6 +278,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
     precision = ("bf16" if device.type == "cuda" else "fp32") if tc.precision == "auto" else tc.precision
     check_fp8(cfg, device)  # before the (long) model load
     check_liger(cfg, device)
+    cap_memory(device, tc.max_memory_gib)
     torch.manual_seed(tc.seed)
 
     built = build_model(cfg.model, device)
@@ -305,11 +319,12 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, dist_: Dist, evaluate: Eval
                                window=cfg.data.length_window)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = cfg.data.pad_to_multiple_of or (AUTO_MULTIPLE if device.type == "cuda" else 1)
+    floor = FP8_TOKEN_MULTIPLE if tc.fp8 != "off" else 1  # fp8 matmuls of the backward need it
     # its own generator: creating an iterator then draws no number from the global RNG, which a resume restores
     # and dropout / LoRA dropout draw from (one extra draw shifted every later mask after a resume)
     loader_gen = torch.Generator()
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=lambda items: collate(items, pad_id, multiple=multiple),
+                        collate_fn=lambda items: collate(items, pad_id, multiple=multiple, floor=floor),
                         pin_memory=device.type == "cuda", generator=loader_gen)
     micro_per_epoch = math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
