@@ -147,14 +147,20 @@ def test_image_count_and_declared_pixels_are_checked_before_decoding(server, ima
 
 
 def test_a_queued_request_holds_its_images_at_the_model_input_size(server, image_url):
+    """...as the model's input tensors, made on a worker thread: the decoding thread only stacks them."""
     import asyncio
+    import base64
+    import io
 
     _, service = server
     req = api.ChatRequest.model_validate({"model": "minigpt4qwen", "messages": [
         {"role": "user", "content": image_then(image_url, "What?")}]})
     job = asyncio.run(service.job(req, lambda ev: None))
-    size = service.assistant.processor.size
-    assert [im.size for im in job.images] == [(size, size)] and size < 96
+    processor = service.assistant.processor
+    size = processor.size
+    assert [tuple(im.shape) for im in job.images] == [(3, size, size)] and size < 96
+    upload = Image.open(io.BytesIO(base64.b64decode(image_url.split(",", 1)[1]))).convert("RGB")
+    assert job.images[0].equal(processor(upload))  # the tensor the processor makes from the upload
 
 
 def test_decoding_waits_for_the_servers_pixel_budget(assistant, image_url, monkeypatch):

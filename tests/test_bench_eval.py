@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from test_bench import _one_thread  # noqa: F401  (autouse: one thread for tiny matrices on a busy CPU)
-
 import pytest
+from test_bench import _one_thread  # noqa: F401  (autouse: one thread for tiny matrices on a busy CPU)
 
 from minigpt4qwen import bench
 from minigpt4qwen.bench.eval import image_pool, write_mmbench, write_mme, write_pope

@@ -129,15 +129,22 @@ def test_ask_all_prepares_the_next_batch_through_load(tmp_path: Path) -> None:
         ask_all(answers, [(tmp_path / "missing.png", "q")], 2, "t", False)
 
 
-def test_assistant_load_keeps_the_pixels_the_processor_would_make(tmp_path: Path) -> None:
-    """load() resizes ahead in a thread; the processor must then see exactly the pixels it would have made itself."""
+def test_assistant_load_makes_the_tensor_the_processor_would_make(tmp_path: Path) -> None:
+    """load() prepares the model's input ahead in a thread: exactly the tensor the processor makes from the file,
+    which the assistant then takes as it is (a training-time processor, random crops, still gets the image)."""
     path = tmp_path / "photo.jpg"
     Image.radial_gradient("L").convert("RGB").resize((77, 50)).save(path)
     processor = ImageProcessor(16, train=False)
     answers = AssistantAnswers(SimpleNamespace(processor=processor), max_new_tokens=2)
     loaded = answers.load(path)
-    assert loaded.size == (16, 16)
-    assert processor(loaded).equal(processor(load_image(path)))
+    assert loaded.shape == (3, 16, 16) and loaded.equal(processor(load_image(path)))
+    from minigpt4qwen.serve.generate import Assistant
+
+    assistant = SimpleNamespace(processor=processor)
+    assert Assistant._pixels(assistant, [loaded])[0] is loaded
+    assert Assistant._pixels(assistant, [path])[0].equal(loaded)
+    train = AssistantAnswers(SimpleNamespace(processor=ImageProcessor(16, train=True)), max_new_tokens=2)
+    assert isinstance(train.load(path), Image.Image)
 
 
 def test_eval_all_cli_on_tiny_run(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -60,9 +60,10 @@ def ask_all(answer_fn: AnswerFn, items: Sequence, batch_size: int, desc: str, pr
     """One answer per item, in order, asked in fixed batches so every run batches alike.
 
     Items are requests, or anything ``to_request`` turns into one when its batch comes (so that, say, images are
-    decoded a batch at a time). An ``answer_fn`` with a ``load(image) -> PIL image`` method gets its images through
-    it. The next batch is prepared in ``workers`` threads while the current one is answered: decoding and resizing
-    in Pillow release the GIL, and on a GPU they would otherwise take longer than the answers.
+    decoded a batch at a time). An ``answer_fn`` with a ``load(image) -> PIL image or input tensor`` method gets its
+    images through it. The next batch is prepared in ``workers`` threads while the current one is answered: decoding and resizing
+    in Pillow (and torch's tensor ops) release the GIL, and on a GPU they would otherwise take longer than the
+    answers.
     """
     if batch_size < 1:
         raise EvalOptionError(f"batch_size must be >= 1, got {batch_size}")

@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -146,7 +147,7 @@ class ChatService:
         self.decode_budget = DecodeBudget(options.max_decode_pixels,
                                           workers=options.max_decode_pixels // options.limits.max_pixels)
 
-    async def images(self, urls: list[str]) -> list[Image.Image]:
+    async def images(self, urls: list[str]) -> list[torch.Tensor]:
         """Every image's header is read and the request's declared pixels checked before any image is decoded."""
         limits = self.options.limits
         try:
@@ -165,12 +166,14 @@ class ChatService:
             data = await self._fetch(url)
         return await asyncio.to_thread(probe_image, data, limits)
 
-    def _decode(self, img: Image.Image) -> Image.Image:
-        """The image at the model's input size: a request waiting for the batch holds that, not the upload."""
-        small = self.assistant.processor.shrink(decode_image(img))
+    def _decode(self, img: Image.Image) -> torch.Tensor:
+        """The image as the model's input tensor (resized and normalised here, on a worker thread, not on the thread
+        that decodes tokens): a request waiting for its turn holds that, not the upload."""
+        processor = self.assistant.processor
+        small = processor.shrink(decode_image(img))
         if small is not img:
             img.close()  # the probed image keeps the decoded pixels while the request lists it, until closed
-        return small
+        return small if processor.train else processor(small)
 
     async def _fetch(self, url: str) -> bytes:
         parts = urlsplit(url)

@@ -83,8 +83,12 @@ class Assistant:
     # ------------------------------------------------------------------ inputs
 
     def _pixels(self, images: list) -> list[torch.Tensor]:
+        """Each image (a path, a PIL image, or a tensor the processor already made) as the model's input tensor."""
         out = []
         for img in images:
+            if isinstance(img, torch.Tensor):
+                out.append(img)
+                continue
             img = img if isinstance(img, Image.Image) else load_image(img)
             out.append(self.processor(img.convert("RGB")))
         return out

@@ -112,7 +112,7 @@ class _Request:
 class _Step:
     """A greedy decode step queued on the device whose tokens the host has not read yet."""
 
-    rows: dict[int, "_Active"]
+    rows: dict[int, _Active]
     """slot -> the row it decoded for (a slot freed and reused since then is not that row any more)."""
     tokens: torch.Tensor
     """The step's tokens per slot, copied to (pinned) host memory once `ready`."""
