@@ -34,6 +34,20 @@ def images(shapes_data) -> list[Path]:
     return sorted((shapes_data / "images").glob("*.png"))[:4]
 
 
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """An assistant whose greedy tokens depend on what it is fed (LLM init std 0.2). The tiny run's near-flat logits
+    make greedy repeat one token, which would hide a wrong token fed back into a step."""
+    from test_to_transformers import make_run
+
+    from minigpt4qwen.models.llm import LLM_PRESETS
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(LLM_PRESETS, "tiny-wide", dict(LLM_PRESETS["tiny-qwen2"], initializer_range=0.2))
+        run = make_run(tmp_path_factory.mktemp("wide") / "run", "model.llm=random:tiny-wide")
+        yield Assistant.from_run(run, device="cpu")
+
+
 @pytest.fixture
 def no_end_of_turn(monkeypatch):
     """The model never ends its turn: a row runs for exactly its max_tokens."""
@@ -85,7 +99,8 @@ QUESTIONS = ["What is in the image?", "How many shapes are there, and what colou
              "Describe the picture in one short sentence, please."]
 
 
-def test_greedy_rows_joining_at_different_times_get_their_answers_alone(assistant, images):
+def test_greedy_rows_joining_at_different_times_get_their_answers_alone(wide, images):
+    assistant = wide
     lengths = [5, 11, 7, 9]
     wanted = [alone(assistant, q, img, max_new_tokens=m) for q, img, m in zip(QUESTIONS, images, lengths)]
     for (text, _, _), q, img, m in zip(wanted, QUESTIONS, images, lengths):
@@ -323,11 +338,12 @@ def test_slot_decoder_rows_equal_hf_greedy_alone(device, together):
         torch.testing.assert_close(torch.stack(logits), torch.cat(r.logits).float(), rtol=1e-4, atol=1e-4)
 
 
-def test_requests_arriving_together_are_embedded_and_prefilled_together(assistant, images, monkeypatch):
+def test_requests_arriving_together_are_embedded_and_prefilled_together(wide, images, monkeypatch):
     """Four requests waiting when the worker starts: one admission (one template + image-encoding pass) and one
     prefill pass for all of them, and each still gets the answer it gets alone."""
     from minigpt4qwen.serve.slots import SlotDecoder
 
+    assistant = wide
     wanted = [alone(assistant, q, img, max_new_tokens=6) for q, img in zip(QUESTIONS, images)]
     calls = {"prepare": [], "prefill_many": []}
     prepare, prefill_many = Assistant.prepare, SlotDecoder.prefill_many
@@ -370,3 +386,66 @@ def test_streamed_text_adds_up_to_the_full_decode_with_multibyte_characters():
     [fin] = [e for e in events if isinstance(e, Finish)]
     assert streamed == fin.text == tok.decode(ids).strip()
     assert sum(isinstance(e, Delta) for e in events) > 10  # it streamed as it went, not once at the end
+
+
+def test_greedy_rows_keep_their_answers_when_sampled_rows_come_and_go(wide, images, no_end_of_turn):
+    """Greedy steps are pipelined (the next step queued before the host reads the last); a sampled row joining
+    switches the loop to one synchronous step at a time and its leaving switches back. Across both switches the
+    greedy answer stays the one it gets alone, and the seeded one the one it gets alone."""
+    assistant = wide
+    sampled = {"do_sample": True, "temperature": 0.9, "top_k": 0, "seed": 7, "max_new_tokens": 5}
+    greedy = alone(assistant, QUESTIONS[0], images[0], max_new_tokens=30)
+    seeded = alone(assistant, QUESTIONS[1], images[1], **sampled)
+    scheduler = Scheduler(assistant, max_batch=4)
+    log = Log(scheduler)
+    scheduler.submit(log.job("greedy", QUESTIONS[0], images[0], max_new_tokens=30))
+    until(lambda: scheduler.steps >= 4, "the greedy answer to be decoding")
+    scheduler.submit(log.job("seeded", QUESTIONS[1], images[1], **sampled))
+    until(lambda: log.finished("greedy", "seeded"), "both answers")
+    scheduler.close()
+    assert log.answer("greedy") == greedy and log.answer("seeded") == seeded
+    (seeded_end, _), = log.of("seeded", Finish)
+    (greedy_end, _), = log.of("greedy", Finish)
+    assert seeded_end < greedy_end  # the sampled row left while the greedy one went on: both switches happened
+
+
+def test_each_greedy_step_is_fed_the_token_the_step_before_chose(wide, images, no_end_of_turn):
+    """The pipelined loop writes each step's argmax into the decoder's input on the device: every live slot's input
+    to a step is the token the step before chose for it (unless the slot was given a new prompt in between). Checked
+    on the decoder's buffers, so it does not depend on how much the tiny model's answers depend on their input."""
+    scheduler = Scheduler(wide, max_batch=4, prefill_chunk=4096)
+    steps, restarted = [], set()
+    scheduler.start()
+    until(lambda: scheduler.decoder is not None, "the decoder")
+    dec = scheduler.decoder
+    decode, prefill_many = dec.decode, dec.prefill_many
+
+    def spy_decode(width, kv_len):
+        fed, live = dec.tok[:width, 0].clone(), dec.live[:width, 0].clone()
+        logits = decode(width, kv_len)
+        steps.append((fed, live, logits.argmax(-1)[:width].clone(), set(restarted)))
+        restarted.clear()
+        return logits
+
+    def spy_prefill(slots, embeds):
+        restarted.update(slots)
+        return prefill_many(slots, embeds)
+
+    dec.decode, dec.prefill_many = spy_decode, spy_prefill
+    log = Log(scheduler)
+    for i, m in enumerate([12, 5, 9]):
+        scheduler.submit(log.job(str(i), QUESTIONS[i], images[i], max_new_tokens=m))
+    until(lambda: scheduler.steps >= 3, "decoding")
+    scheduler.submit(log.job("late", QUESTIONS[3], images[3], max_new_tokens=6))  # reuses a freed slot
+    until(lambda: log.finished("0", "1", "2", "late"), "all answers")
+    scheduler.close()
+    checked, changed = 0, 0
+    for (_, live_a, chose, _), (fed, live_b, _, new) in zip(steps, steps[1:]):
+        for s in range(min(len(chose), len(fed))):
+            if live_a[s] and live_b[s] and s not in new:
+                assert fed[s] == chose[s], f"slot {s} was fed {fed[s]}, its step before chose {chose[s]}"
+                checked += 1
+    for (fed_a, live_a, _, _), (fed_b, live_b, _, new) in zip(steps, steps[1:]):
+        changed += sum(int(fed_a[s] != fed_b[s]) for s in range(min(len(fed_a), len(fed_b)))
+                       if live_a[s] and live_b[s] and s not in new)
+    assert checked >= 20 and changed >= 5  # the model's tokens vary: a stale input would show
