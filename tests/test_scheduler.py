@@ -186,9 +186,9 @@ def test_a_failing_request_fails_alone(assistant, images):
     good = log.job("good", QUESTIONS[0], images[0])
     bad = log.job("bad", QUESTIONS[0], images[0])
     bad.images = []  # an image marker without its image: the template refuses it when the request joins
-    scheduler.submit(good)
-    scheduler.submit(bad)
-    scheduler.submit(log.job("after", QUESTIONS[1], images[1]))
+    for job in (good, bad, log.job("after", QUESTIONS[1], images[1])):
+        scheduler._pending.put(job)  # all three in the first admission: its batch fails, then one by one
+    scheduler.start()
     until(lambda: log.finished("good", "bad", "after"), "all answers")
     scheduler.close()
     assert [type(ev) for _, ev in log.of("bad")] == [Failure]
