@@ -315,7 +315,7 @@ class Scheduler(Worker):
         """Template, images and input embeddings of `reqs` in one batch; each keeps its own rows (padding cut)."""
         embeds, mask = self.assistant.prepare([r.job.turns for r in reqs], [r.job.images for r in reqs])
         lengths = mask.sum(-1).tolist()
-        for req, p, e in zip(reqs, lengths, embeds, strict=True):
+        for req, p in zip(reqs, lengths, strict=True):
             settings = req.job.settings
             if p + settings.max_new_tokens > self.max_len:
                 raise ValueError(f"prompt of {p} tokens + max_tokens {settings.max_new_tokens} exceeds the "
