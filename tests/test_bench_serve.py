@@ -34,4 +34,13 @@ def test_bench_serve_reports_both_modes_per_level(tmp_path):
                 assert key in r
             assert r["ttft_p50_s"] is not None and r["itl_p95_s"] is not None  # every request streamed text
             assert r["ttft_p50_s"] <= r["ttft_p95_s"]
+            if mode == "continuous":  # the scheduler's time by phase during this level, and its decode steps
+                spent = r["scheduler_s"]
+                assert set(spent) == {"admit", "prefill", "launch", "wait", "stream", "sampled"}
+                assert spent["admit"] > 0 and spent["prefill"] > 0 and spent["launch"] > 0 and spent["sampled"] == 0
+                assert sum(spent.values()) <= r["wall_s"]  # one thread's time within the level's wall time
+                # greedy requests of up to 8 tokens: a few steps per request, never more than requests x 8
+                assert r["ok"] <= r["decode_steps"] <= 8 * r["ok"]
+            else:
+                assert "scheduler_s" not in r
     assert not any("error" in r for r in recs.values())

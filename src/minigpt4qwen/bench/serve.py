@@ -9,7 +9,9 @@ port in this process, with the model `bench` built (random weights). At each con
 usage included) over HTTP, from a separate process (the load generator must not share the server's interpreter lock,
 as it would not in a deployment); an untimed round at the highest level first captures the decoder's CUDA graphs. One JSON
 line per (mode, level): aggregate output tokens/s (completion tokens of all requests / wall time), time to first
-token p50/p95 (request sent -> first non-empty content delta), inter-token latency p95 (gaps between content deltas).
+token p50/p95 (request sent -> first non-empty content delta), inter-token latency p95 (gaps between content deltas);
+for continuous batching also the decode steps run and the scheduler thread's seconds by phase (`scheduler_s`:
+admit, prefill, launch, wait for the device, stream, sampled steps; see serve/scheduler.py PHASES).
 
 Random weights favour ids that stream no text (unknown to the tokenizer, special, whitespace, partial bytes): the
 bench masks them at the LLM's output layer, in both modes alike (`_printable_tokens_only`).
@@ -193,10 +195,17 @@ def _mode_section(bench: Bench, assistant: Assistant, mode: str, levels: list[in
     with running_server(app, **options.uvicorn_kwargs()) as url, \
             ProcessPoolExecutor(1, mp_context=spawn) as clients_process:
 
+        worker = app.state.service.batcher
+
         def level(clients: int, requests_per_client: int) -> dict:
             bench.reset_peak()
+            before = dict(getattr(worker, "seconds", {})), getattr(worker, "steps", 0)
             rec = clients_process.submit(drive, url, clients, requests_per_client, a.serve_tokens, image_url).result()
-            return {"mode": mode, **rec, "max_batch": options.max_batch, "peak_mem_gib": bench.peak_mem_gib()}
+            extra = {}
+            if before[0]:  # continuous: where the scheduler thread's time went during this level
+                extra = {"decode_steps": worker.steps - before[1],
+                         "scheduler_s": {k: round(v - before[0][k], 3) for k, v in worker.seconds.items()}}
+            return {"mode": mode, **rec, "max_batch": options.max_batch, **extra, "peak_mem_gib": bench.peak_mem_gib()}
 
         # untimed: the first requests capture the CUDA graphs and warm the allocator
         bench.attempt(f"serve-{mode}-warmup", lambda: level(max(levels), 1))

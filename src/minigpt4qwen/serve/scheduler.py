@@ -30,6 +30,7 @@ forward pass over all of them) and the scheduler goes on with the next requests.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import queue
@@ -51,6 +52,11 @@ from .generate import Assistant, GenerationSettings
 from .slots import SlotDecoder
 
 log = logging.getLogger(__name__)
+
+PHASES = ("admit", "prefill", "launch", "wait", "stream", "sampled")
+"""Where the worker thread's time goes (`Scheduler.seconds`): admitting requests (template, images, vision tower,
+embeddings), prefilling prompts (and choosing first tokens), queueing greedy steps, waiting for a queued step's
+tokens (the device's share), streaming them (text, stop strings, events), and synchronous sampled steps."""
 
 KV_MEMORY_SHARE = 0.6
 """Share of the GPU memory free at start that the slots' KV cache may take (the rest: activations, graphs, logits)."""
@@ -157,6 +163,16 @@ class Scheduler(Worker):
         """Rows that ended: finished, failed or cancelled."""
         self.most_rows = 0
         """Most rows decoded in one step."""
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        """Host wall time of the worker thread by phase, summed since start (no device syncs added; see PHASES)."""
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
     @property
     def slots_in_use(self) -> int:
@@ -258,10 +274,12 @@ class Scheduler(Worker):
         budget = self.prefill_chunk
         while budget > 0:
             if self._prefill is not None:
-                budget -= self._prefill_chunk(self._prefill, budget)
+                with self._timed("prefill"):
+                    budget -= self._prefill_chunk(self._prefill, budget)
                 continue
             if not self._ready:
-                self._admit()
+                with self._timed("admit"):
+                    self._admit()
                 if not self._ready:
                     break
             group = []
@@ -270,7 +288,8 @@ class Scheduler(Worker):
             if not group:  # the next prompt is longer than what is left of the budget: in chunks, alone
                 self._prefill = self._ready.popleft()
                 continue
-            budget -= self._prefill_group(group)
+            with self._timed("prefill"):
+                budget -= self._prefill_group(group)
         if self._active or self._inflight:
             self._decode_step()
 
@@ -394,12 +413,14 @@ class Scheduler(Worker):
     def _decode_step(self) -> None:
         """Queue the next greedy step, then stream the one before it; rows that sample: one step, synchronously."""
         greedy = bool(self._active) and all(a.request.greedy for a in self._active.values())
-        launched = self._launch() if greedy else None
+        with self._timed("launch"):
+            launched = self._launch() if greedy else None
         previous, self._inflight = self._inflight, launched
         if previous is not None:
             self._consume(previous)
         if not greedy and self._active:
-            self._sampled_step()
+            with self._timed("sampled"):
+                self._sampled_step()
 
     def _run_step(self, lead: int) -> torch.Tensor | None:
         """One decode step over the slots in use (`lead`: positions the device may be ahead of `_Active.pos`); its
@@ -433,14 +454,16 @@ class Scheduler(Worker):
 
     def _consume(self, step: _Step) -> None:
         """Stream the tokens of a queued step to the rows it decoded for that are still running."""
-        if step.ready is not None:
-            step.ready.synchronize()  # without the interpreter lock: the HTTP side runs meanwhile
-        tokens = step.tokens.tolist()
-        for slot, a in step.rows.items():
-            if self._active.get(slot) is a:  # not ended, failed or cancelled since the launch
-                a.pos += 1
-                a.token = tokens[slot]
-                self._accept(slot, tokens[slot])
+        with self._timed("wait"):
+            if step.ready is not None:
+                step.ready.synchronize()  # without the interpreter lock: the HTTP side runs meanwhile
+            tokens = step.tokens.tolist()
+        with self._timed("stream"):
+            for slot, a in step.rows.items():
+                if self._active.get(slot) is a:  # not ended, failed or cancelled since the launch
+                    a.pos += 1
+                    a.token = tokens[slot]
+                    self._accept(slot, tokens[slot])
 
     def _sampled_step(self) -> None:
         """A step with rows that sample: tokens chosen on the host (processors, per-request generators)."""
