@@ -127,11 +127,11 @@ class _Step:
 
 @dataclass
 class _Active:
-    """A row decoding in a slot: its last token (fed to the next step) and its position (the cache column it fills)."""
+    """A row decoding in a slot and its position (the cache column it fills next). The token it is fed lives in the
+    decoder's input buffer on the device (written there by `_start`, `_launch` or `_sampled_step`)."""
 
     row: _Row
     request: _Request
-    token: int
     pos: int
 
 
@@ -403,8 +403,8 @@ class Scheduler(Worker):
         index = torch.tensor(req.slots, device=dec.device)
         dec.tok[index, 0] = torch.tensor(first, device=dec.device)
         dec.live[index, 0] = 1
-        for row, slot, token in zip(req.rows, req.slots, first, strict=True):
-            self._active[slot] = _Active(row, req, token, p)
+        for row, slot in zip(req.rows, req.slots, strict=True):
+            self._active[slot] = _Active(row, req, p)
         for slot, token in zip(req.slots, first, strict=True):
             self._accept(slot, token)
 
@@ -462,7 +462,6 @@ class Scheduler(Worker):
             for slot, a in step.rows.items():
                 if self._active.get(slot) is a:  # not ended, failed or cancelled since the launch
                     a.pos += 1
-                    a.token = tokens[slot]
                     self._accept(slot, tokens[slot])
 
     def _sampled_step(self) -> None:
@@ -482,7 +481,6 @@ class Scheduler(Worker):
             a = self._active.get(slot)
             if a is not None:  # None: its request failed while choosing
                 a.pos += 1
-                a.token = token
                 self._accept(slot, token)
 
     def _choose(self, rows: list[tuple[_Row, _Request]], logits: torch.Tensor) -> list[int]:
