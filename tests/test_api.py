@@ -197,8 +197,11 @@ def test_subcommand_options():
     s = serve.parse_args(["--checkpoint", "run", "--api-key", "k", "--allow-remote-images", "img.example"])
     w = webui.parse_args(["--checkpoint", "run"])
     assert (s.host, s.port, s.api_key, s.allowed_hosts, s.max_batch) == ("127.0.0.1", 8000, "k", ["img.example"], 8)
-    assert (api.batching_of(s), s.prefill_chunk) == ("continuous", 512)  # the default since it ran on the GPU
-    assert api.options_from_args(s).batching == "continuous"
+    assert (api.batching_of(s), s.prefill_chunk) == ("continuous", 2048)  # the defaults the GPU bench chose
+    options = api.options_from_args(s)
+    assert (options.batching, options.prefill_chunk, options.switch_interval_ms) == ("continuous", 2048, 0.5)
+    assert api.options_from_args(serve.parse_args(["--checkpoint", "run", "--switch-interval-ms", "5"])) \
+        .switch_interval_ms == 5
     assert api.batching_of(serve.parse_args(["--checkpoint", "run", "--batching", "static"])) == "static"
     assert api.batching_of(serve.parse_args(["--checkpoint", "run", "--compile-decode"])) == "static"
     assert (w.host, w.port, w.device) == ("127.0.0.1", 7860, None) and w.max_image_pixels > 0
@@ -228,3 +231,46 @@ def test_sse_sends_queued_deltas_as_one_chunk():
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
         == ["stop", "length"]
     assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_build_app_sets_the_thread_switch_interval(assistant):
+    """The app owns its process: the interpreter's switch interval becomes the option's (None leaves it)."""
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        build_app(assistant, ServeOptions(batching="static", switch_interval_ms=0.5))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        sys.setswitchinterval(0.004)
+        build_app(assistant, ServeOptions(batching="static", switch_interval_ms=None))
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_mailbox_wakes_the_loop_once_for_events_posted_together():
+    """Events posted from another thread while the loop is busy arrive all, in order, with one wake-up between
+    them (not one system call per event); a post after the drain wakes the loop again."""
+    import asyncio
+
+    from minigpt4qwen.serve.api import Mailbox
+
+    async def run() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakeups.append(a) or original(*a)  # counts the wake-ups
+        box, got = Mailbox(loop), []
+        poster = threading.Thread(target=lambda: [box.post(got.append, i) for i in range(50)])
+        poster.start()
+        poster.join()  # the loop did not run meanwhile: one wake-up is pending for all 50
+        assert len(wakeups) == 1
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        box.post(got.append, 50)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(run())
+    assert got == list(range(51)) and wakeups == 2

@@ -44,3 +44,13 @@ def test_bench_serve_reports_both_modes_per_level(tmp_path):
             else:
                 assert "scheduler_s" not in r
     assert not any("error" in r for r in recs.values())
+
+
+def test_serve_set_overrides_typed_server_options():
+    from minigpt4qwen.bench.serve import option_overrides
+
+    assert option_overrides(["prefill_chunk=512", "switch_interval_ms=5", "slot_len=640"]) == \
+        {"prefill_chunk": 512, "switch_interval_ms": 5.0, "slot_len": 640}
+    for bad in ("nope=1", "prefill_chunk", "limits=1"):
+        with pytest.raises(ValueError, match="--serve-set"):
+            option_overrides([bad])

@@ -346,8 +346,8 @@ def test_requests_arriving_together_are_embedded_and_prefilled_together(wide, im
     assistant = wide
     wanted = [alone(assistant, q, img, max_new_tokens=6) for q, img in zip(QUESTIONS, images)]
     calls = {"prepare": [], "prefill_many": []}
-    prepare, prefill_many = Assistant.prepare, SlotDecoder.prefill_many
-    monkeypatch.setattr(Assistant, "prepare", lambda self, convs, imgs: calls["prepare"].append(len(convs)) or
+    prepare, prefill_many = Assistant.prepare_rows, SlotDecoder.prefill_many
+    monkeypatch.setattr(Assistant, "prepare_rows", lambda self, convs, imgs: calls["prepare"].append(len(convs)) or
                         prepare(self, convs, imgs))
     monkeypatch.setattr(SlotDecoder, "prefill_many", lambda self, slots, embeds: calls["prefill_many"].append(
         len(slots)) or prefill_many(self, slots, embeds))

@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import multiprocessing
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -179,8 +181,29 @@ def serve_section(bench: Bench) -> None:
     assistant = Assistant(bench.model, bench.tokenizer, template, ImageProcessor(bench.image_size, train=False),
                           max_txt_len=a.serve_prompt_budget)
     image_url = png_data_url(bench.image_size, a.seed)
-    for mode in modes:
-        _mode_section(bench, assistant, mode, levels, image_url)
+    switch = sys.getswitchinterval()  # the app sets the process's (ServeOptions.switch_interval_ms)
+    try:
+        for mode in modes:
+            _mode_section(bench, assistant, mode, levels, image_url)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def option_overrides(pairs: list[str]) -> dict:
+    """`--serve-set FIELD=VALUE` pairs as ServeOptions keyword arguments, each value of its field's type."""
+    from ..serve.api import ServeOptions
+
+    defaults = ServeOptions()
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not hasattr(defaults, name) or isinstance(getattr(defaults, name), (list, dict)) or \
+                dataclasses.is_dataclass(getattr(defaults, name)):
+            raise ValueError(f"--serve-set {pair!r}: give FIELD=VALUE for a plain ServeOptions field")
+        current = getattr(defaults, name)
+        kind = type(current) if current is not None else (lambda v: None if v == "None" else int(v))
+        out[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
 
 
 def _mode_section(bench: Bench, assistant: Assistant, mode: str, levels: list[int], image_url: str) -> None:
@@ -190,6 +213,7 @@ def _mode_section(bench: Bench, assistant: Assistant, mode: str, levels: list[in
     a = bench.args
     options = ServeOptions(batching=mode, max_batch=max(levels), limit_concurrency=None,
                            max_tokens_limit=a.serve_tokens, slot_len=a.serve_prompt_budget + a.serve_tokens)
+    options = dataclasses.replace(options, **option_overrides(a.serve_set))
     app = build_app(assistant, options)
     spawn = multiprocessing.get_context("spawn")
     with running_server(app, **options.uvicorn_kwargs()) as url, \
@@ -205,7 +229,9 @@ def _mode_section(bench: Bench, assistant: Assistant, mode: str, levels: list[in
             if before[0]:  # continuous: where the scheduler thread's time went during this level
                 extra = {"decode_steps": worker.steps - before[1],
                          "scheduler_s": {k: round(v - before[0][k], 3) for k, v in worker.seconds.items()}}
-            return {"mode": mode, **rec, "max_batch": options.max_batch, **extra, "peak_mem_gib": bench.peak_mem_gib()}
+            return {"mode": mode, **rec, "max_batch": options.max_batch, "prefill_chunk": options.prefill_chunk,
+                    "switch_interval_ms": sys.getswitchinterval() * 1000, **extra,
+                    "peak_mem_gib": bench.peak_mem_gib()}
 
         # untimed: the first requests capture the CUDA graphs and warm the allocator
         bench.attempt(f"serve-{mode}-warmup", lambda: level(max(levels), 1))

@@ -81,12 +81,15 @@ class MiniGPT4Qwen(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.llm_proj(features.to(self.llm_proj.weight.dtype))
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with every placeholder run replaced, in order, by one image's projected queries."""
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+              image_tokens: int | None = None) -> torch.Tensor:
+        """Token embeddings with every placeholder run replaced, in order, by one image's projected queries.
+        `image_tokens`: the placeholders in `input_ids` when the caller counted them on the host (reading the count
+        from a GPU tensor waits for everything queued before it, the vision tower included)."""
         is_image = input_ids == self.image_token_id
         table = self.llm.get_input_embeddings()
         embeds = table(input_ids.masked_fill(is_image, 0))
-        n_slots = int(is_image.sum())
+        n_slots = int(is_image.sum()) if image_tokens is None else image_tokens
         n_given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
         if n_slots != n_given:
             raise ValueError(
@@ -99,11 +102,11 @@ class MiniGPT4Qwen(nn.Module):
 
     def inputs_embeds(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-        features: torch.Tensor | None = None,
+        features: torch.Tensor | None = None, image_tokens: int | None = None,
     ) -> torch.Tensor:
         if features is None and pixel_values is not None:
             features = self.qformer_features(pixel_values)
-        return self.embed(input_ids, None if features is None else self.project(features))
+        return self.embed(input_ids, None if features is None else self.project(features), image_tokens)
 
     def decoder(self) -> nn.Module:
         llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm

@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -65,6 +67,8 @@ from .args import (
     LIMIT_CONCURRENCY,
     MAX_DECODE_PIXELS,
     MAX_TEXT_CHARS,
+    PREFILL_CHUNK,
+    SWITCH_INTERVAL_MS,
 )
 from .args import add_serve_args as add_serve_args  # re-exported: the command's options live in args.py
 from .batcher import Batcher, Delta, Failure, Finish, Job
@@ -92,8 +96,10 @@ class ServeOptions:
     batching: str = "continuous"
     """"continuous" (default): requests join and leave the running batch at every decode step (scheduler.py);
     "static": a batch runs to its end through HF generate while newcomers wait (batcher.py)."""
-    prefill_chunk: int = 512
+    prefill_chunk: int = PREFILL_CHUNK
     """continuous: prompt tokens prefilled between two decode steps (a longer prompt is split)."""
+    switch_interval_ms: float | None = SWITCH_INTERVAL_MS
+    """The process's thread switch interval once the app is built (`sys.setswitchinterval`); None: left as it is."""
     slot_len: int | None = None
     """continuous: positions (prompt + answer) per slot; None: the prompt budget + max_tokens_limit, less where the
     KV cache would not fit the GPU."""
@@ -259,6 +265,33 @@ class ChatService:
         return Job(turns, images, req.settings(max_new), on_event, n=req.n, stop=stops, prompt_tokens=prompt)
 
 
+class Mailbox:
+    """Events from the decoding thread to the event loop: one loop wake-up for everything posted since the last one.
+
+    A step of 64 streaming rows posts 64 events; `loop.call_soon_threadsafe` for each would write to the loop's
+    wake-up socket 64 times per step (a system call each, and each releases the interpreter lock the decoding
+    thread needs next). Posting here queues the call and wakes the loop only when it is not already woken."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._calls: list[tuple] = []
+
+    def post(self, fn, arg) -> None:
+        """Run `fn(arg)` on the loop soon, after what was posted before (any thread)."""
+        with self._lock:
+            self._calls.append((fn, arg))
+            if len(self._calls) > 1:
+                return  # a wake-up is on its way and will run this call too
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, arg in calls:
+            fn(arg)
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -266,6 +299,8 @@ def _usage(prompt: int, completion: int) -> dict:
 def build_app(assistant: Assistant, options: ServeOptions | None = None) -> FastAPI:
     """The FastAPI app; the batching worker starts with the first request and stops with the app."""
     options = options or ServeOptions()
+    if options.switch_interval_ms is not None:  # process-wide: the server owns its process
+        sys.setswitchinterval(options.switch_interval_ms / 1000)
     service = ChatService(assistant, options)
 
     @contextlib.asynccontextmanager
@@ -323,8 +358,10 @@ def build_app(assistant: Assistant, options: ServeOptions | None = None) -> Fast
         except ValidationError as exc:
             raise invalid_request(exc) from None
         loop = asyncio.get_running_loop()
+        if getattr(app.state, "mailbox", None) is None or app.state.mailbox.loop is not loop:
+            app.state.mailbox = Mailbox(loop)
         events: asyncio.Queue = asyncio.Queue()
-        job = await service.job(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job = await service.job(req, functools.partial(app.state.mailbox.post, events.put_nowait))
         service.batcher.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": options.model_name}
         if req.stream:
@@ -469,7 +506,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         slot_len=args.slot_len or None, max_tokens_limit=args.max_tokens_limit, max_text_chars=args.max_text_chars,
         max_request_bytes=args.max_request_bytes, max_decode_pixels=args.max_decode_pixels,
         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout,
-        limit_concurrency=args.limit_concurrency or None,
+        limit_concurrency=args.limit_concurrency or None, switch_interval_ms=args.switch_interval_ms,
     )
 
 

@@ -96,6 +96,13 @@ class Assistant:
     @torch.inference_mode()
     def prepare(self, conversations: list[list[Turn]], images: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (inputs_embeds, attention_mask) for a batch of conversations ending with a user turn."""
+        embeds, mask = self.prepare_rows(conversations, images)
+        return embeds, mask.to(embeds.device)
+
+    @torch.inference_mode()
+    def prepare_rows(self, conversations: list[list[Turn]], images: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prepare` with the attention mask left on the host: the rows' lengths are known without waiting for the
+        device (the continuous scheduler reads them while the vision tower still runs)."""
         ids, pixels = [], []
         for turns, imgs in zip(conversations, images):
             enc = self.template.encode(turns, self.max_txt_len, add_generation_prompt=True)
@@ -106,9 +113,10 @@ class Assistant:
         dev = self.model.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids, mask = pad(ids, pad_id, left=True)
-        pv = torch.stack(pixels).to(dev) if pixels else None
-        embeds = self.model.inputs_embeds(input_ids.to(dev), pv)
-        return embeds, mask.to(dev)
+        pv = torch.stack(pixels).to(dev, non_blocking=True) if pixels else None
+        image_tokens = int((input_ids == self.model.image_token_id).sum())  # on the host: no device sync
+        embeds = self.model.inputs_embeds(input_ids.to(dev), pv, image_tokens=image_tokens)
+        return embeds, mask
 
     def _generate_kwargs(self, conversations, images, settings: GenerationSettings) -> dict:
         embeds, mask = self.prepare(conversations, images)

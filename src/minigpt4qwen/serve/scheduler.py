@@ -47,6 +47,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .args import PREFILL_CHUNK
 from .batcher import Failure, Job, Worker, _Row
 from .generate import Assistant, GenerationSettings
 from .slots import SlotDecoder
@@ -75,6 +76,19 @@ def processors(s: GenerationSettings) -> LogitsProcessorList:
         if s.top_p < 1.0:
             out.append(TopPLogitsWarper(s.top_p))
     return out
+
+
+def _read(t: torch.Tensor) -> list[int]:
+    """A small device tensor's values: copied to pinned memory and waited for through an event, which (unlike
+    `.tolist()` on the device tensor) lets the HTTP side's threads run while the device finishes."""
+    if not t.is_cuda:
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host.tolist()
 
 
 def slot_len(assistant: Assistant, slots: int, wanted: int) -> int:
@@ -141,7 +155,7 @@ class Scheduler(Worker):
     thread_name = "scheduler"
 
     def __init__(self, assistant: Assistant, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         super().__init__()
         self.assistant = assistant
         self.max_batch = max(1, max_batch)
@@ -155,6 +169,7 @@ class Scheduler(Worker):
         self._inflight: _Step | None = None  # the greedy step queued on the device, not yet read
         self._host_tokens: list[torch.Tensor] = []  # two pinned buffers: one step written while the other is read
         self._free = list(range(self.max_batch))  # a heap: the lowest free slot first keeps decode steps narrow
+        self._idle: list[int] = []  # slots freed whose device state (live, position) is not reset yet
         self._closing = False
         self.decoder: SlotDecoder | None = None
         self.steps = 0
@@ -298,6 +313,7 @@ class Scheduler(Worker):
     def _admit(self) -> None:
         """Every waiting job that has a slot per answer, in order (a job that has to wait for slots stops the line),
         taken into `_ready` with its prompt embedded: one template and image-encoding pass for all of them."""
+        self._reset_idle()  # a slot taken below must not be reset after its new request started in it
         reqs = []
         while self._waiting:
             job = self._waiting[0]
@@ -332,8 +348,8 @@ class Scheduler(Worker):
 
     def _embed(self, reqs: list[_Request]) -> None:
         """Template, images and input embeddings of `reqs` in one batch; each keeps its own rows (padding cut)."""
-        embeds, mask = self.assistant.prepare([r.job.turns for r in reqs], [r.job.images for r in reqs])
-        lengths = mask.sum(-1).tolist()
+        embeds, mask = self.assistant.prepare_rows([r.job.turns for r in reqs], [r.job.images for r in reqs])
+        lengths = mask.sum(-1).tolist()  # a host tensor: no wait for the vision tower
         for req, p in zip(reqs, lengths, strict=True):
             settings = req.job.settings
             if p + settings.max_new_tokens > self.max_len:
@@ -359,10 +375,31 @@ class Scheduler(Worker):
             for req in group:
                 self._prefill_chunk(req, req.embeds.shape[1])
             return tokens
+        plain = [i for i, req in enumerate(group) if req.greedy and len(req.rows) == 1]
+        if plain:  # the common case: one argmax and one read of the host for all of them
+            self._start_greedy([group[i] for i in plain], logits if len(plain) == len(group) else logits[plain])
         for i, req in enumerate(group):
-            req.prefilled = req.embeds.shape[1]
-            self._start(req, logits[i:i + 1])
+            if i not in set(plain):
+                req.prefilled = req.embeds.shape[1]
+                self._start(req, logits[i:i + 1])
         return tokens
+
+    def _start_greedy(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        """`_start` for greedy requests with one answer each (their first tokens: the argmax of `logits`, one row each),
+        chosen and fed to the decoder on the device; the host reads them once, waiting without the interpreter lock."""
+        dec = self.decoder
+        index = torch.tensor([r.slots[0] for r in reqs], device=dec.device)
+        picked = logits.argmax(-1)
+        dec.tok[index, 0] = picked
+        dec.live[index, 0] = 1
+        first = _read(picked)
+        for req, token in zip(reqs, first, strict=True):
+            p = req.embeds.shape[1]
+            req.embeds = None  # the cache holds the prompt now
+            req.prefilled = p
+            slot = req.slots[0]
+            self._active[slot] = _Active(req.rows[0], req, p)
+            self._accept(slot, token)
 
     def _prefill_chunk(self, req: _Request, budget: int) -> int:
         """Prefill up to `budget` more prompt tokens of `req`; on the last chunk its rows start decoding."""
@@ -426,6 +463,7 @@ class Scheduler(Worker):
         """One decode step over the slots in use (`lead`: positions the device may be ahead of `_Active.pos`); its
         logits, or None when it failed (its rows are failed)."""
         self.most_rows = max(self.most_rows, len(self._active))
+        self._reset_idle()
         try:
             logits = self.decoder.decode(max(self._active) + 1, max(a.pos for a in self._active.values()) + 1 + lead)
         except Exception as exc:  # one forward pass over every row: all of them are affected
@@ -534,10 +572,18 @@ class Scheduler(Worker):
 
     def _release(self, slot: int) -> None:
         self._active.pop(slot, None)
-        self.decoder.live[slot] = 0
-        self.decoder.pos[slot] = 0  # a free slot must never write past the cache while it idles in a step
+        self._idle.append(slot)  # reset on the device by `_reset_idle`, before the slot is used or stepped again
         heapq.heappush(self._free, slot)
         self.rows_run += 1
+
+    def _reset_idle(self) -> None:
+        """Stop the slots freed since the last call from advancing, and put them at column 0 (a free slot must never
+        write past the cache while it idles in a step): two writes for all of them, not two per slot."""
+        if self._idle:
+            index = torch.tensor(self._idle, device=self.decoder.device)
+            self._idle.clear()
+            self.decoder.live[index] = 0
+            self.decoder.pos[index] = 0
 
     def _drop_cancelled(self) -> None:
         for slot in [s for s, a in self._active.items() if a.row.job.cancelled]:
@@ -565,6 +611,7 @@ class Scheduler(Worker):
                 row.done = True
                 try:
                     self._release(slot)
+                    self._reset_idle()
                 except Exception:  # a broken device (e.g. a CUDA error that does not clear): see _work
                     self._active.pop(slot, None)
                     raise
