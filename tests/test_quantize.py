@@ -76,6 +76,35 @@ def test_int8_quantizes_the_decoder_linears_and_nothing_else(tiny_run):
         assert err <= ref.weight.abs().amax() / 127 + 1e-6
 
 
+def test_staged_quantization_moves_and_quantizes_one_layer_at_a_time(tiny_run, monkeypatch):
+    """`quantize_for_inference(..., device=)` (what `--quantize` does on a GPU, after `load_run(stage=True)` built the
+    model on the CPU): everything but the decoder layers moves first, then each layer is moved only after the ones
+    before it are quantized, and the weights come out as quantizing in place makes them."""
+    from minigpt4qwen.runs import load_run
+
+    in_place = Assistant.from_run(tiny_run, device="cpu", quantize="int8").model
+    model = load_run(tiny_run, "cpu", stage=True).model.eval()
+    layers = list(model.llm.model.layers)
+    moves = []
+    original = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if self is model:
+            moves.append(("model", len(model.llm.model.layers)))
+        elif any(self is layer for layer in layers):
+            moves.append((layers.index(self), [is_quantized(layer.self_attn.q_proj.weight) for layer in layers]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", to)
+    quantize_for_inference(model, "int8", device="cpu")
+    n = len(layers)
+    assert moves[0] == ("model", 0)  # the rest of the model went first, without its decoder layers
+    assert moves[1:] == [(i, [j < i for j in range(n)]) for i in range(n)]
+    assert list(model.llm.model.layers) == layers  # put back, in order
+    for staged, ref in zip(decoder_linears(model.llm), decoder_linears(in_place.llm), strict=True):
+        assert torch.equal(staged.weight.dequantize(), ref.weight.dequantize())
+
+
 @pytest.mark.parametrize("dtype,ratio", [(torch.bfloat16, 2.0), (torch.float32, 4.0)])
 def test_int8_weight_bytes(dtype, ratio):
     """One byte per weight (+ a scale and zero point per row): ~2x less than bf16, ~4x less than fp32. At width 64
@@ -156,9 +185,9 @@ def test_predict_and_eval_take_quantize(tmp_path, shapes_data, tiny_run, capsys,
     """predict and eval load through the same helper: --quantize reaches the model they answer with."""
     seen = []
 
-    def spy(model, mode):
+    def spy(model, mode, device=None):
         seen.append(mode)
-        return quantize_for_inference(model, mode)
+        return quantize_for_inference(model, mode, device)
 
     monkeypatch.setattr(generate, "quantize_for_inference", spy)
     src = tmp_path / "q.jsonl"

@@ -352,15 +352,21 @@ class Run:
     """Eval-time image preprocessing: resize to the run's image size, no augmentation."""
 
 
-def load_run(path: str | Path, device: str | torch.device | None = None) -> Run:
-    """Build the model of a run directory (or one checkpoint directory in it) and load the checkpoint's weights."""
+def load_run(path: str | Path, device: str | torch.device | None = None, stage: bool = False) -> Run:
+    """Build the model of a run directory (or one checkpoint directory in it) and load the checkpoint's weights.
+
+    `stage`: build and load it on the CPU, in the dtypes `device` would get, and leave it there: the caller moves it
+    (`quantize_for_inference` does, one decoder layer at a time; `Run.model.device` says where it is). Only for an
+    LLM read from files, which are read into CPU memory first anyway: a `random:` preset is built on `device` as in
+    training (the same random values; initialising a 7B model on a CPU took minutes on a 16-core host)."""
     run_dir, ckpt = find_run(path)
     cfg = read_run_config(run_dir)
     if (run_dir / TOKENIZER).is_dir():
         cfg.model.tokenizer = str(_abs(run_dir / TOKENIZER))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.train.seed)  # parts without a checkpoint (random: presets) rebuild as in training
-    built = build_model(cfg.model, dev)
+    stage = stage and not cfg.model.llm.startswith("random:")
+    built = build_model(cfg.model, "cpu" if stage else dev, dtype_device=dev)
     built.model.load_partial(load_weights(ckpt), str(ckpt))
     log.info("loaded %s", ckpt)
     template = make_template(cfg, built.tokenizer, built.model.image_token_id)

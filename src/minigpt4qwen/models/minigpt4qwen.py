@@ -286,11 +286,13 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Built:
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
+                dtype_device: str | torch.device | None = None) -> Built:
     """Construct vision + Q-Former + projector + LLM on `device`, load pretrained parts, decide what trains.
 
     On the meta device: shapes only, nothing allocated or read (no tokenizer: `Built.tokenizer` is None), for
-    parameter counts and checks of files against the architecture (`info`, `convert`)."""
+    parameter counts and checks of files against the architecture (`info`, `convert`). `dtype_device`: the device
+    whose dtypes `frozen_dtype: auto` picks (a model built on the CPU to be moved to a GPU later); default `device`."""
     device = torch.device(device)
     if device.type == "meta":
         with torch.device("meta"):
@@ -299,7 +301,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Built:
             model = MiniGPT4Qwen(vision, qformer, query_tokens, meta_llm(cfg.llm, cfg.llm_gguf_file, cfg.tokenizer),
                                  image_token_id=0)
             return Built(model, None, apply_trainable(model, cfg))
-    frozen_dtype = resolve_dtype(cfg.frozen_dtype, device)
+    frozen_dtype = resolve_dtype(cfg.frozen_dtype, torch.device(dtype_device or device))
     vision = build_vision(cfg.vision)
     qformer, query_tokens = build_qformer(cfg.qformer, vision.config.hidden_size, cfg.num_query_tokens)
     llm_dtype = frozen_dtype if cfg.trainable.llm != "full" else torch.float32

@@ -67,10 +67,14 @@ class Assistant:
         """Load a run directory (its config + newest complete checkpoint) or one checkpoint directory in it;
         `quantize` (serve/quantize.py) applies to the loaded weights, before any decoder is built."""
         check_quantize(quantize, device)  # a GPU-only mode fails in one line before minutes of loading
-        run = load_run(run_dir, device)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # quantized on a GPU: loaded on the CPU, then moved layer by layer, each quantized on arrival (the GPU never
+        # holds the whole model's unquantized weights; load_run says no for random: presets)
+        run = load_run(run_dir, dev, stage=quantize != "none" and dev.type == "cuda")
+        staged = run.model.device.type != dev.type
         assistant = cls(run.model, run.tokenizer, run.template, run.processor,
                         max_txt_len or max(run.cfg.data.max_txt_len, 1024), compile_decoder=compile_decoder)
-        quantize_for_inference(assistant.model, quantize)
+        quantize_for_inference(assistant.model, quantize, device=dev if staged else None)
         assistant.run = run
         return assistant
 

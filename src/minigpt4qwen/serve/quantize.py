@@ -159,7 +159,7 @@ def _decoder_layers(llm: nn.Module) -> list[nn.Module]:
     return list(base.get_decoder().layers)
 
 
-def quantize_llm(model: nn.Module, mode: str) -> QuantizeReport | None:
+def quantize_llm(model: nn.Module, mode: str, device: str | torch.device | None = None) -> QuantizeReport | None:
     """Quantize the Linear weights of the LLM's decoder layers in place (`model`: MiniGPT4Qwen, whose `llm` alone
     is touched, or the LLM itself); None for mode none.
 
@@ -175,8 +175,14 @@ def quantize_llm(model: nn.Module, mode: str) -> QuantizeReport | None:
     are built from (quantizing would break the tie or dequantize the whole vocabulary on every lookup), and its
     logits choose the greedy token directly, where rounding flips near-ties first. For Qwen-7B it is ~8% of the
     weights.
+
+    `device`: where the model goes, when it was loaded elsewhere (on the CPU: `load_run(..., stage=True)`). Everything
+    but the LLM's decoder layers moves first, then the layers one at a time, each quantized as soon as it arrives, so
+    the GPU never holds more than one layer's unquantized weights (a 7B model in int8: ~10 GiB at any time instead of
+    the ~18 GiB its bf16 weights take before quantizing) and no freed bf16 block is left between the kept ones.
     """
-    check_quantize(mode, None if mode == "none" else _device(model))
+    target = _device(model) if device is None else torch.device(device)
+    check_quantize(mode, None if mode == "none" else target)
     if mode == "none":
         return None
     llm = getattr(model, "llm", model)
@@ -193,34 +199,49 @@ def quantize_llm(model: nn.Module, mode: str) -> QuantizeReport | None:
     llm_before = tensor_bytes(llm.parameters())
     linear_before = tensor_bytes(m.weight for m in linears)
     with torch.inference_mode(False), torch.no_grad():  # normal tensors, as fuse_linears makes them
-        if mode in ("int8", "fp8"):
-            config = _config(mode)
-            for layer in layers:
-                for mods in fusion_groups(layer).values():
-                    fused = fuse_linears(mods)
-                    if fused is not None:
-                        replace_fused_weight(mods, _quantized(fused[0], config))
-        else:  # int4: Linears one by one (see above); a group FastDecoder fused before is let go of
-            for layer in layers:
-                for mods in fusion_groups(layer).values():
-                    forget_fused(mods)
+        if device is not None:  # all but the decoder layers to the target now; the layers below, one by one
+            decoder = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).get_decoder()
+            decoder.layers, held = nn.ModuleList(), decoder.layers
+            try:
+                model.to(target)
+            finally:
+                decoder.layers = held
         skipped = 0
-        for m in linears:
-            if _is_quantized(m.weight):
-                continue
-            if mode == "int4":
-                size = next((g for g in INT4_GROUP_SIZES if m.in_features % g == 0), None)
-                if size is None:
-                    skipped += 1
-                    continue
-                weight = _quantized(m.weight.to(torch.bfloat16), _config(mode, size))
-            else:
-                weight = _quantized(m.weight, _config(mode))
-            m.weight = nn.Parameter(weight, requires_grad=False)
+        for layer in layers:
+            if device is not None:
+                layer.to(target)
+            skipped += _quantize_layer(layer, mode)
     report = QuantizeReport(mode, len(linears) - skipped, skipped, llm_before, tensor_bytes(llm.parameters()),
                             linear_before, tensor_bytes(m.weight for m in linears))
     log.info("%s", report.line())
     return report
+
+
+def _quantize_layer(layer: nn.Module, mode: str) -> int:
+    """Quantize one decoder layer's Linears (see `quantize_llm`); returns how many were left as they were."""
+    if mode in ("int8", "fp8"):
+        config = _config(mode)
+        for mods in fusion_groups(layer).values():
+            fused = fuse_linears(mods)
+            if fused is not None:
+                replace_fused_weight(mods, _quantized(fused[0], config))
+    else:  # int4: Linears one by one (see quantize_llm); a group FastDecoder fused before is let go of
+        for mods in fusion_groups(layer).values():
+            forget_fused(mods)
+    skipped = 0
+    for m in [m for m in layer.modules() if type(m) is nn.Linear]:
+        if _is_quantized(m.weight):
+            continue
+        if mode == "int4":
+            size = next((g for g in INT4_GROUP_SIZES if m.in_features % g == 0), None)
+            if size is None:
+                skipped += 1
+                continue
+            weight = _quantized(m.weight.to(torch.bfloat16), _config(mode, size))
+        else:
+            weight = _quantized(m.weight, _config(mode))
+        m.weight = nn.Parameter(weight, requires_grad=False)
+    return skipped
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -228,15 +249,17 @@ def _device(model: nn.Module) -> torch.device:
     return llm.get_output_embeddings().weight.device
 
 
-def quantize_for_inference(model: nn.Module, mode: str) -> QuantizeReport | None:
+def quantize_for_inference(model: nn.Module, mode: str, device: str | torch.device | None = None
+                           ) -> QuantizeReport | None:
     """What `--quantize` does to a run loaded for answering (MiniGPT4Qwen): LoRA adapters folded into the weights
-    they adapt, the LLM frozen (nothing trains here; load_run keeps the run's trainable flags), then `quantize_llm`."""
+    they adapt, the LLM frozen (nothing trains here; load_run keeps the run's trainable flags), then `quantize_llm`
+    (`device`: move the model there, layer by layer, quantizing on the way)."""
     if mode == "none":
         return None
     if hasattr(model.llm, "merge_and_unload"):  # peft
         model.llm = model.llm.merge_and_unload()
     model.llm.eval().requires_grad_(False)
-    report = quantize_llm(model, mode)
+    report = quantize_llm(model, mode, device)
     device = _device(model)
     if device.type == "cuda":  # the bf16 weights' blocks go back to the driver: what the GPU shows drops with them
         torch.cuda.empty_cache()
