@@ -81,3 +81,19 @@ def test_relocate_applies_to_the_file_before_the_overrides(tmp_path):
     f.write_text("eval:\n  mme_root: a\ntrain:\n  output_dir: r\n")
     cfg = load_config(f, ["train.output_dir=o"], relocate=lambda c: map_paths(c, lambda v: f"/base/{v}"))
     assert cfg.eval.mme_root == "/base/a" and cfg.train.output_dir == "o"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.llm=random:nope", "model.llm: unknown preset random:nope; choose one of random:qwen-7b"),
+    ("model.vision=nope", "model.vision: unknown preset 'nope'; choose one of eva-vit-g"),
+    ("model.qformer=nope", "model.qformer: unknown preset 'nope'; choose one of blip2-qformer"),
+])
+def test_unknown_model_preset_is_one_error_line(tmp_path, capsys, override, message):
+    """A misspelled preset stops the command with exit status 2 and one line naming the key, not a traceback."""
+    from minigpt4qwen.__main__ import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {vision: tiny, qformer: tiny, llm: 'random:tiny-qwen2'}\n")
+    assert main(["info", "--config", str(cfg), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err

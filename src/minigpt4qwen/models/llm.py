@@ -20,6 +20,8 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = (
@@ -147,7 +149,8 @@ def load_llm(source: str, dtype: torch.dtype, device: str | torch.device = "cpu"
     if source.startswith("random:"):
         preset = source.split(":", 1)[1]
         if preset not in LLM_PRESETS:
-            raise ValueError(f"unknown LLM preset {preset!r}; choose one of {', '.join(LLM_PRESETS)}")
+            raise ConfigError(f"model.llm: unknown preset random:{preset}; choose one of "
+                              + ", ".join(f"random:{p}" for p in LLM_PRESETS) + ", an HF directory or smollm2")
         kw = dict(LLM_PRESETS[preset])
         config = AutoConfig.for_model(kw.pop("model_type"), **kw)
         config._attn_implementation = attn_implementation

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
+from ..config import ConfigError
+
 QFORMER_PRESETS: dict[str, dict] = {
     # BERT-base sized, cross-attention to the image every 2nd layer
     "blip2-qformer": dict(
@@ -25,7 +27,8 @@ QFORMER_PRESETS: dict[str, dict] = {
 
 def qformer_config(preset: str, encoder_hidden_size: int) -> Blip2QFormerConfig:
     if preset not in QFORMER_PRESETS:
-        raise ValueError(f"unknown qformer preset {preset!r}; choose one of {', '.join(QFORMER_PRESETS)}")
+        raise ConfigError(f"model.qformer: unknown preset {preset!r}; choose one of "
+                          + ", ".join(QFORMER_PRESETS))
     return Blip2QFormerConfig(
         **QFORMER_PRESETS[preset], encoder_hidden_size=encoder_hidden_size, layer_norm_eps=1e-12,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

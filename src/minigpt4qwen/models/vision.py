@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
+from ..config import ConfigError
+
 VISION_PRESETS: dict[str, dict] = {
     # BLIP-2's EVA ViT-g/14: the first 39 of EVA's 40 blocks, 224 px
     "eva-vit-g": dict(
@@ -27,7 +29,8 @@ LN_VISION_EPS = 1e-5
 
 def vision_config(preset: str) -> Blip2VisionConfig:
     if preset not in VISION_PRESETS:
-        raise ValueError(f"unknown vision preset {preset!r}; choose one of {', '.join(VISION_PRESETS)}")
+        raise ConfigError(f"model.vision: unknown preset {preset!r}; choose one of "
+                          + ", ".join(VISION_PRESETS))
     # initializer_range: transformers defaults to 1e-10 (it expects pretrained weights); trainable from scratch needs 0.02
     return Blip2VisionConfig(**VISION_PRESETS[preset], attention_dropout=0.0, initializer_range=0.02)
 
