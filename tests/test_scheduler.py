@@ -338,6 +338,39 @@ def test_slot_decoder_rows_equal_hf_greedy_alone(device, together):
         torch.testing.assert_close(torch.stack(logits), torch.cat(r.logits).float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_compiled_slot_decoder_serves_every_bucket_with_a_few_graphs(device):
+    """`serve --batching continuous --compile-decode`: the slot step compiled with symbolic rows and columns gives
+    the eager step's logits in every (rows, columns) bucket, from at most 4 compiled graphs for 6 buckets (one row
+    or several, a slice of the cache or all of it), not one compile per bucket."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minigpt4qwen.models.llm import LLM_PRESETS
+    from minigpt4qwen.serve.slots import SlotDecoder
+
+    kw = dict(LLM_PRESETS["tiny-qwen2"])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(cfg).to(device).eval().requires_grad_(False)
+    prompts = [torch.randn(1, n, cfg.hidden_size, device=device) for n in (5, 9, 17)]
+
+    def run(dec: SlotDecoder) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            dec.prefill_many([0, 1, 2], prompts)
+            dec.live[:3] = 1
+            return [dec.decode(width, kv).clone() for width in (1, 2, 4) for kv in (128, 256)]
+
+    eager = run(SlotDecoder(llm, 4, 256, fuse=True))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(SlotDecoder(llm, 4, 256, fuse=True, compile=True))
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
 def test_requests_arriving_together_are_embedded_and_prefilled_together(wide, images, monkeypatch):
     """Four requests waiting when the worker starts: one admission (one template + image-encoding pass) and one
     prefill pass for all of them, and each still gets the answer it gets alone."""

@@ -72,6 +72,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="serve: a ServeOptions field for the run's servers, e.g. prefill_chunk=512 or "
                         "switch_interval_ms=5 (repeatable)")
+    p.add_argument("--serve-compile", action="store_true",
+                   help="serve: the decoders compiled, as `serve --compile-decode` (continuous: symbolic shapes)")
     p.add_argument("--gate-recipes", default="tensorwise,rowwise", help="fp8-gate: train.fp8 recipes, comma list")
     p.add_argument("--gate-steps", type=int, help="fp8-gate: training steps per run (cuda 200 / cpu 6)")
     p.add_argument("--gate-questions", type=int, help="fp8-gate: greedy-answered questions (cuda 512 / cpu 8)")

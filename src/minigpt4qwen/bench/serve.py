@@ -179,7 +179,7 @@ def serve_section(bench: Bench) -> None:
     template = make_template(Config(model=ModelConfig(num_query_tokens=a.num_query_tokens)), bench.tokenizer,
                              bench.model.image_token_id)
     assistant = Assistant(bench.model, bench.tokenizer, template, ImageProcessor(bench.image_size, train=False),
-                          max_txt_len=a.serve_prompt_budget)
+                          max_txt_len=a.serve_prompt_budget, compile_decoder=a.serve_compile)
     image_url = png_data_url(bench.image_size, a.seed)
     switch = sys.getswitchinterval()  # the app sets the process's (ServeOptions.switch_interval_ms)
     try:
@@ -229,7 +229,8 @@ def _mode_section(bench: Bench, assistant: Assistant, mode: str, levels: list[in
             if before[0]:  # continuous: where the scheduler thread's time went during this level
                 extra = {"decode_steps": worker.steps - before[1],
                          "scheduler_s": {k: round(v - before[0][k], 3) for k, v in worker.seconds.items()}}
-            return {"mode": mode, **rec, "max_batch": options.max_batch, "prefill_chunk": options.prefill_chunk,
+            return {"mode": mode, **rec, "max_batch": options.max_batch, "compiled": a.serve_compile,
+                    "prefill_chunk": options.prefill_chunk,
                     "switch_interval_ms": sys.getswitchinterval() * 1000, **extra,
                     "peak_mem_gib": bench.peak_mem_gib()}
 

@@ -493,7 +493,8 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool)
 
 
 def batching_of(args: argparse.Namespace) -> str:
-    """--batching as given; unset: continuous, or static with --compile-decode (a compiled HF-path decoder)."""
+    """--batching as given; unset: continuous, or static with --compile-decode (what that flag selected before the
+    continuous decoder could be compiled: `--batching continuous --compile-decode` compiles the slot decoder)."""
     return args.batching or ("static" if getattr(args, "compile_decode", False) else "continuous")
 
 
@@ -516,11 +517,6 @@ def run_api(args: argparse.Namespace) -> int:
     problem = exposure_problem(args.host, args.api_key, args.insecure)
     if problem:  # before the model loads: a refused start costs nothing
         print(f"error: {problem}", file=sys.stderr)
-        return 2
-    if batching_of(args) == "continuous" and getattr(args, "compile_decode", False):
-        # the slot decoder's step has a shape per (rows, columns) bucket: torch.compile would recompile for each
-        print("error: --compile-decode works with --batching static only (the continuous decoder runs a CUDA "
-              "graph per batch shape; compiling each would take minutes)", file=sys.stderr)
         return 2
     if not args.api_key:
         print(f"warning: no --api-key: every client that reaches {args.host}:{args.port} can use the API",

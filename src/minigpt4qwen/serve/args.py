@@ -65,7 +65,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", choices=("continuous", "static"), default=None,
                    help="continuous (default): requests join and leave the running batch at every decode step "
                         "(static KV cache of --max-batch slots, CUDA graphs on CUDA); static: a batch runs to its "
-                        "end through HF generate (the default with --compile-decode, which continuous refuses)")
+                        "end through HF generate (the default with --compile-decode alone; --batching continuous --compile-decode compiles the continuous decoder)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help="continuous: prompt tokens prefilled between two decode steps (longer prompts are split)")
     p.add_argument("--switch-interval-ms", type=float, default=SWITCH_INTERVAL_MS,

@@ -48,8 +48,11 @@ class SlotDecoder(FastDecoder):
             self.masked = torch.full((), self.neg, dtype=self.dtype)
         self._row0 = 0  # first cache row `_write_kv` addresses (prefill writes one slot)
         self._rows: torch.Tensor | None = None  # the slots `prefill_many` writes, one per batch row
+        # compiled with symbolic rows and columns: one compile serves every bucket (dynamo still specialises one row
+        # against several, and the full cache width against a slice of it: at most 4 graphs, not one per bucket);
+        # each bucket's CUDA graph then captures the compiled step
         mode = compile if isinstance(compile, str) else None
-        self._step = torch.compile(self._slot_step, dynamic=False, mode=mode) if compile else self._slot_step
+        self._step = torch.compile(self._slot_step, dynamic=True, mode=mode) if compile else self._slot_step
 
     def _write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor,
                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
