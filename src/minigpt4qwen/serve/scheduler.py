@@ -11,7 +11,13 @@ split over iterations); then one decode step for every slot in use. A request th
 the next step boundary and leaves it when it stops, and while newcomers are prefilled the others lose at most one
 chunk's time (plus one admission's image encoding) between two tokens.
 
-When every row in the step decodes greedily (the common case), the step's tokens are chosen on the GPU and written
+Greedy requests with one answer each (the common case) get their first tokens from one argmax over the prefill
+pass's logits, written into the decoder's input on the GPU and read by the host once. Rows that end give their slots
+back at once; the slots' device state (live flag, position) is reset for all of them in one write before the next
+step or admission. The host never reads a GPU tensor where it can count on its own copy (prompt lengths, image
+placeholders): such a read waits for all queued work while holding the interpreter lock.
+
+When every row in the step decodes greedily, the step's tokens are chosen on the GPU and written
 back into the decoder's input there, and steps are pipelined: step k+1 is queued on the device before the host reads
 and streams step k's tokens (waiting for them without the interpreter lock), so the host's work per token (text,
 stop strings, events, the HTTP stream) overlaps the device's. A row that ends at step k was already given step k+1;
