@@ -380,8 +380,8 @@ def test_requests_arriving_together_are_embedded_and_prefilled_together(wide, im
     wanted = [alone(assistant, q, img, max_new_tokens=6) for q, img in zip(QUESTIONS, images)]
     calls = {"prepare": [], "prefill_many": []}
     prepare, prefill_many = Assistant.prepare_rows, SlotDecoder.prefill_many
-    monkeypatch.setattr(Assistant, "prepare_rows", lambda self, convs, imgs: calls["prepare"].append(len(convs)) or
-                        prepare(self, convs, imgs))
+    monkeypatch.setattr(Assistant, "prepare_rows", lambda self, convs, imgs, **kw: calls["prepare"].append(len(convs))
+                        or prepare(self, convs, imgs, **kw))
     monkeypatch.setattr(SlotDecoder, "prefill_many", lambda self, slots, embeds: calls["prefill_many"].append(
         len(slots)) or prefill_many(self, slots, embeds))
     scheduler = Scheduler(assistant, max_batch=4, prefill_chunk=4096)
@@ -482,3 +482,24 @@ def test_each_greedy_step_is_fed_the_token_the_step_before_chose(wide, images, n
         changed += sum(int(fed_a[s] != fed_b[s]) for s in range(min(len(fed_a), len(fed_b)))
                        if live_a[s] and live_b[s] and s not in new)
     assert checked >= 20 and changed >= 5  # the model's tokens vary: a stale input would show
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_vision_admissions_answer_as_eager_ones(tiny_run, images):
+    """`serve --graph-vision`: the scheduler captures the towers at start and admissions through them give the
+    answers the eager towers give."""
+    assistant = Assistant.from_run(tiny_run, device="cuda")
+
+    def answers(graph_vision: bool) -> list:
+        scheduler = Scheduler(assistant, max_batch=4, graph_vision=graph_vision)
+        log = Log(scheduler)
+        for i, (q, img) in enumerate(zip(QUESTIONS, images)):
+            scheduler._pending.put(log.job(str(i), q, img, max_new_tokens=6))  # one admission for all four
+        scheduler.start()
+        until(lambda: log.finished(*map(str, range(4))), "all answers")
+        scheduler.close()
+        assert (scheduler.tower is not None) == graph_vision
+        return [log.answer(str(i)) for i in range(4)]
+
+    assert answers(True) == answers(False)

@@ -71,7 +71,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-prompt-budget", type=int, default=512, help="serve: prompt tokens a request may take")
     p.add_argument("--serve-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="serve: a ServeOptions field for the run's servers, e.g. prefill_chunk=512 or "
-                        "switch_interval_ms=5 (repeatable)")
+                        "switch_interval_ms=5 or graph_vision=true (repeatable)")
     p.add_argument("--serve-compile", action="store_true",
                    help="serve: the decoders compiled, as `serve --compile-decode` (continuous: symbolic shapes)")
     p.add_argument("--gate-recipes", default="tensorwise,rowwise", help="fp8-gate: train.fp8 recipes, comma list")

@@ -98,6 +98,8 @@ class ServeOptions:
     "static": a batch runs to its end through HF generate while newcomers wait (batcher.py)."""
     prefill_chunk: int = PREFILL_CHUNK
     """continuous: prompt tokens prefilled between two decode steps (a longer prompt is split)."""
+    graph_vision: bool = False
+    """continuous, CUDA: run admissions' vision tower + Q-Former as captured graphs (serve/vision_graphs.py)."""
     switch_interval_ms: float | None = SWITCH_INTERVAL_MS
     """The process's thread switch interval once the app is built (`sys.setswitchinterval`); None: left as it is."""
     slot_len: int | None = None
@@ -145,6 +147,7 @@ class ChatService:
             self.batcher = Batcher(assistant, options.max_batch, options.batch_window_s)
         elif options.batching == "continuous":
             self.batcher = Scheduler(assistant, options.max_batch, prefill_chunk=options.prefill_chunk,
+                                     graph_vision=options.graph_vision,
                                      max_len=options.slot_len or assistant.max_txt_len + options.max_tokens_limit)
             self.context = min(self.context, self.batcher.max_len)  # a slot holds prompt + answer
             self.batcher.start()  # the KV cache and every CUDA graph now, not in the first request's time
@@ -508,6 +511,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_request_bytes=args.max_request_bytes, max_decode_pixels=args.max_decode_pixels,
         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout,
         limit_concurrency=args.limit_concurrency or None, switch_interval_ms=args.switch_interval_ms,
+        graph_vision=args.graph_vision,
     )
 
 

@@ -16,8 +16,8 @@ HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
 LIMIT_CONCURRENCY = 128
 PREFILL_CHUNK = 2048
-"""Default prompt tokens per prefill pass: 64 requests arriving together take ~3 passes, not ~11 (H200, 7B: 3,473 against
-2,927 tokens/s at 64 clients; README "Serving")."""
+"""Default prompt tokens per prefill pass: 64 requests arriving together take ~3 passes, not ~11 (H200, 7B: 3,473
+against 2,927 tokens/s at 64 clients; README "Serving")."""
 
 SWITCH_INTERVAL_MS = 0.5
 """Default thread switch interval of the serving process (Python's own is 5 ms): the decoding thread gives up the
@@ -65,9 +65,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", choices=("continuous", "static"), default=None,
                    help="continuous (default): requests join and leave the running batch at every decode step "
                         "(static KV cache of --max-batch slots, CUDA graphs on CUDA); static: a batch runs to its "
-                        "end through HF generate (the default with --compile-decode alone; --batching continuous --compile-decode compiles the continuous decoder)")
+                        "end through HF generate (the default with --compile-decode alone; --batching continuous "
+                        "--compile-decode compiles the continuous decoder)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help="continuous: prompt tokens prefilled between two decode steps (longer prompts are split)")
+    p.add_argument("--graph-vision", action="store_true",
+                   help="continuous, CUDA: admissions run the vision tower + Q-Former as CUDA graphs captured at start "
+                        "(one per power-of-two image count up to --max-batch; not yet measured on a GPU)")
     p.add_argument("--switch-interval-ms", type=float, default=SWITCH_INTERVAL_MS,
                    help="the interpreter's thread switch interval: how long the HTTP side may hold the lock the "
                         "decoding thread needs next (Python's default: 5)")

@@ -104,9 +104,11 @@ class Assistant:
         return embeds, mask.to(embeds.device)
 
     @torch.inference_mode()
-    def prepare_rows(self, conversations: list[list[Turn]], images: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_rows(self, conversations: list[list[Turn]], images: list[list],
+                     tower=None) -> tuple[torch.Tensor, torch.Tensor]:
         """`prepare` with the attention mask left on the host: the rows' lengths are known without waiting for the
-        device (the continuous scheduler reads them while the vision tower still runs)."""
+        device (the continuous scheduler reads them while the vision tower still runs). `tower`: what turns pixel
+        values into Q-Former features (default `model.qformer_features`; the scheduler may pass captured graphs)."""
         ids, pixels = [], []
         for turns, imgs in zip(conversations, images):
             enc = self.template.encode(turns, self.max_txt_len, add_generation_prompt=True)
@@ -119,7 +121,8 @@ class Assistant:
         input_ids, mask = pad(ids, pad_id, left=True)
         pv = torch.stack(pixels).to(dev, non_blocking=True) if pixels else None
         image_tokens = int((input_ids == self.model.image_token_id).sum())  # on the host: no device sync
-        embeds = self.model.inputs_embeds(input_ids.to(dev), pv, image_tokens=image_tokens)
+        features = (tower or self.model.qformer_features)(pv) if pv is not None else None
+        embeds = self.model.inputs_embeds(input_ids.to(dev), features=features, image_tokens=image_tokens)
         return embeds, mask
 
     def _generate_kwargs(self, conversations, images, settings: GenerationSettings) -> dict:

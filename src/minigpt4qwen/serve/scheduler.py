@@ -57,6 +57,7 @@ from .args import PREFILL_CHUNK
 from .batcher import Failure, Job, Worker, _Row
 from .generate import Assistant, GenerationSettings
 from .slots import SlotDecoder
+from .vision_graphs import GraphedTower
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class Scheduler(Worker):
     thread_name = "scheduler"
 
     def __init__(self, assistant: Assistant, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, graph_vision: bool = False) -> None:
         super().__init__()
         self.assistant = assistant
         self.max_batch = max(1, max_batch)
@@ -178,6 +179,9 @@ class Scheduler(Worker):
         self._idle: list[int] = []  # slots freed whose device state (live, position) is not reset yet
         self._closing = False
         self.decoder: SlotDecoder | None = None
+        self.graph_vision = graph_vision
+        self.tower: GraphedTower | None = None
+        """The vision tower + Q-Former as captured graphs for admissions (`graph_vision`, CUDA only)."""
         self.steps = 0
         """Decode steps run (each gives every slot in use one token)."""
         self.rows_run = 0
@@ -231,9 +235,15 @@ class Scheduler(Worker):
             self._host_tokens = [torch.zeros(self.max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
             start = time.perf_counter()
             n = self.decoder.capture_all()
+            if self.graph_vision and pinned:
+                self.tower = GraphedTower(self.assistant.model, self.max_batch, self.assistant.processor.size)
+                towers = self.tower.capture_all()
         if n:
             log.info("continuous batching: %d decode graphs captured in %.1f s (%d slots x %d positions)", n,
                      time.perf_counter() - start, self.max_batch, self.max_len)
+        if self.tower is not None:
+            log.info("continuous batching: vision tower + Q-Former captured for %d batch sizes (up to %d images)",
+                     towers, self.max_batch)
 
     def _work(self) -> None:
         try:
@@ -354,7 +364,8 @@ class Scheduler(Worker):
 
     def _embed(self, reqs: list[_Request]) -> None:
         """Template, images and input embeddings of `reqs` in one batch; each keeps its own rows (padding cut)."""
-        embeds, mask = self.assistant.prepare_rows([r.job.turns for r in reqs], [r.job.images for r in reqs])
+        embeds, mask = self.assistant.prepare_rows([r.job.turns for r in reqs], [r.job.images for r in reqs],
+                                                   tower=self.tower)
         lengths = mask.sum(-1).tolist()  # a host tensor: no wait for the vision tower
         for req, p in zip(reqs, lengths, strict=True):
             settings = req.job.settings
