@@ -342,8 +342,9 @@ def test_slot_decoder_rows_equal_hf_greedy_alone(device, together):
     not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_compiled_slot_decoder_serves_every_bucket_with_a_few_graphs(device):
     """`serve --batching continuous --compile-decode`: the slot step compiled with symbolic rows and columns gives
-    the eager step's logits in every (rows, columns) bucket, from at most 4 compiled graphs for 6 buckets (one row
-    or several, a slice of the cache or all of it), not one compile per bucket."""
+    the eager step's logits in every (rows, columns) bucket, from 2 compiled graphs for 4 buckets (dynamo specialises
+    a slice of the cache against all of it, and one row against several: at most 4 graphs in all), not one compile
+    per bucket."""
     from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -360,13 +361,13 @@ def test_compiled_slot_decoder_serves_every_bucket_with_a_few_graphs(device):
         with torch.inference_mode():
             dec.prefill_many([0, 1, 2], prompts)
             dec.live[:3] = 1
-            return [dec.decode(width, kv).clone() for width in (1, 2, 4) for kv in (128, 256)]
+            return [dec.decode(width, kv).clone() for width in (2, 4) for kv in (128, 256)]
 
     eager = run(SlotDecoder(llm, 4, 256, fuse=True))
     torch._dynamo.reset()
     counters.clear()
     compiled = run(SlotDecoder(llm, 4, 256, fuse=True, compile=True))
-    assert 1 <= counters["stats"]["unique_graphs"] <= 4
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
