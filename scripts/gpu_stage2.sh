@@ -20,6 +20,9 @@ run() {  # run NAME ARGS...: one gpu_scale.py invocation, its summary lines kept
 PAD1=(--set data.pad_to_multiple_of=1)  # padding to the batch's longest row: the behaviour before 2026-11-28
 run save-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
   --set train.keep_last=1
+# the same saves with the first save's pinned buffers allocated empty and filled by one copy (engine.async_stager)
+run save-direct-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
+  --set train.keep_last=1 --set engine.async_stager=direct
 run base-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save --set "train.profile_steps=[8,2]"
 run nockpt-b2 --batch-size 2 "${FULL[@]}" "${PAD1[@]}" --no-final-save
 run ckpt-b8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save

@@ -145,7 +145,9 @@ def test_deepspeed_zero3_matches_single_and_consolidates(tmp_path, shapes_data, 
 
 
 def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_data, reference):
-    cfg_file, run = _config(tmp_path, shapes_data, "fsdp", "engine.name=fsdp")
+    # engine.async_stager=direct: the async saves go through `direct_stager` (its buffers unpinned on the CPU), so
+    # the exact resume below checks what it staged; the second run keeps the default (DCP's own fresh copy on CPU)
+    cfg_file, run = _config(tmp_path, shapes_data, "fsdp", "engine.name=fsdp", "engine.async_stager=direct")
     _run(_torchrun("--config", str(cfg_file)), tmp_path / "fsdp.log")
     full = losses(run)
     assert full == pytest.approx(reference, **PARITY)
@@ -266,3 +268,19 @@ def test_deepspeed_config_is_filled_from_train_settings(tmp_path, shapes_data):
             "zero_optimization"]["stage"] == stage
     hint = oom_hint(cfg)
     assert hint.startswith("CUDA out of memory; try") and "grad_checkpointing_llm=true" in hint
+
+
+def test_cpu_buffers_like_keeps_the_structure_and_copies_nothing():
+    """What `engine.async_stager=direct` stages into: every tensor a new CPU buffer of its shape and dtype, scalars
+    and empty tensors as zeros, other values and the nesting as they are."""
+    from minigpt4qwen.train.engines import cpu_buffers_like
+
+    state = {"model": {"w": torch.ones(3, 4, dtype=torch.bfloat16)},
+             "optim": {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.ones(5)}},
+                       "param_groups": [{"lr": 0.1, "params": [0]}]},
+             "empty": torch.ones(0, 2)}
+    out = cpu_buffers_like(state, pin=False)
+    assert out["model"]["w"].shape == (3, 4) and out["model"]["w"].dtype == torch.bfloat16
+    assert out["model"]["w"].data_ptr() != state["model"]["w"].data_ptr()
+    assert out["optim"]["state"][0]["step"].item() == 0.0 and out["optim"]["state"][0]["exp_avg"].shape == (5,)
+    assert out["optim"]["param_groups"] == [{"lr": 0.1, "params": [0]}] and out["empty"].shape == (0, 2)

@@ -353,13 +353,15 @@ class DeepSpeedEngine(Engine):
             raise FileNotFoundError(f"{ckpt}/{DS_TAG}: no DeepSpeed state (was the run trained with another engine?)")
 
 
-def _pinned_stager():
-    """On CUDA, a stager that keeps one pinned CPU copy of this rank's shards across saves: the copy at a save runs
-    at pinned D2H speed into memory that already exists (29 s of a 7B full-LLM save on 4x H100 went to copying into
-    fresh pageable memory). Costs host RAM = this rank's checkpoint shard, pinned for the rest of the run.
-    Elsewhere (CPU/gloo) None = DCP's default fresh copy. DCP's DefaultStager with reused pinned buffers failed at
-    its second save on torch 2.11 (KeyError: <class 'type'>, 4x H100, 2026-11-28), hence this older stager."""
-    if not torch.cuda.is_available():
+def _pinned_stager(how: str = "dcp", pin: bool | None = None):
+    """On CUDA (or `pin` given), a stager that keeps one CPU copy of this rank's shards across saves, pinned on CUDA:
+    the copy at a save runs at pinned D2H speed into memory that already exists (29 s of a 7B full-LLM save on 4x H100
+    went to copying into fresh pageable memory). Costs host RAM = this rank's checkpoint shard, held for the run.
+    Elsewhere None = DCP's default fresh copy. `how` (engine.async_stager): dcp = DCP's BlockingAsyncStager with its
+    cache, direct = `direct_stager`. DCP's DefaultStager with reused pinned buffers failed at its second save on torch
+    2.11 (KeyError: <class 'type'>, 4x H100, 2026-11-28), hence the older stager."""
+    pin = torch.cuda.is_available() if pin is None else pin
+    if not pin and how == "dcp":
         return None
     import warnings
 
@@ -367,7 +369,49 @@ def _pinned_stager():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # marked deprecated in favour of DefaultStager (see above)
+        if how == "direct":
+            return direct_stager(pin)
         return BlockingAsyncStager(cache_staged_state_dict=True)
+
+
+def cpu_buffers_like(state, pin: bool):
+    """`state`'s structure with every tensor replaced by a new, empty CPU tensor of its shape and dtype (pinned with
+    `pin`), nothing copied: a DTensor keeps its mesh and placements around a new local tensor. Other values as they
+    are (a save takes them from the state it stages, not from here)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        out = torch.empty_like(state, device="cpu")  # the wrapper only: its local tensor is replaced below
+        out._local_tensor = cpu_buffers_like(state._local_tensor, pin)
+        return out
+    if isinstance(state, torch.Tensor):
+        if state.dim() == 0 or state.numel() == 0:
+            return torch.zeros_like(state, device="cpu")
+        return torch.empty(state.shape, dtype=state.dtype, pin_memory=pin)
+    if isinstance(state, dict):
+        return {k: cpu_buffers_like(v, pin) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_buffers_like(v, pin) for v in state)
+    return state
+
+
+def direct_stager(pin: bool = True):
+    """A BlockingAsyncStager whose cached CPU copy is made by `cpu_buffers_like` at the first save: one allocation and
+    one copy per tensor, where DCP's own cache costs two allocations and three copies (engine.async_stager=direct)."""
+    from torch.distributed._state_dict_utils import _copy_state_dict
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+    class DirectStager(BlockingAsyncStager):
+        def __init__(self) -> None:
+            super().__init__(cache_staged_state_dict=True)
+            self.buffers = None
+
+        def stage(self, state_dict):
+            if self.buffers is None:
+                self.buffers = cpu_buffers_like(state_dict, pin)
+            return _copy_state_dict(state_dict, self.buffers)
+
+    return DirectStager()
 
 
 class FSDPEngine(Engine):
@@ -381,6 +425,7 @@ class FSDPEngine(Engine):
         if precision == "fp16":
             raise ValueError("engine fsdp: use train.precision=bf16 (or fp32)")
         self.async_save, self._gloo, self._future, self._stager = cfg.engine.async_save, None, None, None
+        self.async_stager = cfg.engine.async_stager
         self.fp8_all_gather = fsdp_float8_all_gather(cfg)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
@@ -444,7 +489,7 @@ class FSDPEngine(Engine):
             if self._gloo is None:  # DCP's background thread coordinates over a CPU group, not NCCL
                 self._gloo = dist.new_group(backend="gloo")
             if self._stager is None:
-                self._stager = _pinned_stager()
+                self._stager = _pinned_stager(self.async_stager)
             self._future = dcp.async_save(self._sharded(), checkpoint_id=str(tmp / FSDP_DIR), process_group=self._gloo,
                                           async_stager=self._stager)
         else:
