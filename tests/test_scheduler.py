@@ -95,6 +95,17 @@ def hf(assistant: Assistant, question: str, image: Path, **settings) -> str:
     return assistant.generate([[Turn("user", first_turn(question, 1))]], [[str(image)]], s)[0]
 
 
+def answer_queued_together(scheduler: Scheduler, images: list[Path]) -> list[tuple[str, int, str]]:
+    """The four QUESTIONS queued before the worker starts (one admission for all of them), answered, then closed."""
+    log = Log(scheduler)
+    for i, (q, img) in enumerate(zip(QUESTIONS, images)):
+        scheduler._pending.put(log.job(str(i), q, img, max_new_tokens=6))
+    scheduler.start()
+    until(lambda: log.finished(*map(str, range(4))), "all answers")
+    scheduler.close()
+    return [log.answer(str(i)) for i in range(4)]
+
+
 QUESTIONS = ["What is in the image?", "How many shapes are there, and what colours do they have?", "Colour?",
              "Describe the picture in one short sentence, please."]
 
@@ -386,14 +397,8 @@ def test_requests_arriving_together_are_embedded_and_prefilled_together(wide, im
     monkeypatch.setattr(SlotDecoder, "prefill_many", lambda self, slots, embeds: calls["prefill_many"].append(
         len(slots)) or prefill_many(self, slots, embeds))
     scheduler = Scheduler(assistant, max_batch=4, prefill_chunk=4096)
-    log = Log(scheduler)
-    for i, (q, img) in enumerate(zip(QUESTIONS, images)):
-        scheduler._pending.put(log.job(str(i), q, img, max_new_tokens=6))  # queued before the worker runs
-    scheduler.start()
-    until(lambda: log.finished(*map(str, range(4))), "all answers")
-    scheduler.close()
+    assert answer_queued_together(scheduler, images) == wanted
     assert calls == {"prepare": [4], "prefill_many": [4]}
-    assert [log.answer(str(i)) for i in range(4)] == wanted
     assert scheduler.most_rows == 4
 
 
@@ -494,13 +499,8 @@ def test_graphed_vision_admissions_answer_as_eager_ones(tiny_run, images):
 
     def answers(graph_vision: bool) -> list:
         scheduler = Scheduler(assistant, max_batch=4, graph_vision=graph_vision)
-        log = Log(scheduler)
-        for i, (q, img) in enumerate(zip(QUESTIONS, images)):
-            scheduler._pending.put(log.job(str(i), q, img, max_new_tokens=6))  # one admission for all four
-        scheduler.start()
-        until(lambda: log.finished(*map(str, range(4))), "all answers")
-        scheduler.close()
+        got = answer_queued_together(scheduler, images)
         assert (scheduler.tower is not None) == graph_vision
-        return [log.answer(str(i)) for i in range(4)]
+        return got
 
     assert answers(True) == answers(False)
