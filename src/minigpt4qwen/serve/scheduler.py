@@ -395,8 +395,9 @@ class Scheduler(Worker):
         plain = [i for i, req in enumerate(group) if req.greedy and len(req.rows) == 1]
         if plain:  # the common case: one argmax and one read of the host for all of them
             self._start_greedy([group[i] for i in plain], logits if len(plain) == len(group) else logits[plain])
+        started = set(plain)
         for i, req in enumerate(group):
-            if i not in set(plain):
+            if i not in started:
                 req.prefilled = req.embeds.shape[1]
                 self._start(req, logits[i:i + 1])
         return tokens
