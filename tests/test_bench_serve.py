@@ -51,6 +51,7 @@ def test_serve_set_overrides_typed_server_options():
 
     assert option_overrides(["prefill_chunk=512", "switch_interval_ms=5", "slot_len=640"]) == \
         {"prefill_chunk": 512, "switch_interval_ms": 5.0, "slot_len": 640}
-    for bad in ("nope=1", "prefill_chunk", "limits=1"):
+    assert option_overrides(["graph_vision=true"]) == {"graph_vision": True}
+    for bad in ("nope=1", "prefill_chunk", "limits=1", "graph_vision=yes please"):
         with pytest.raises(ValueError, match="--serve-set"):
             option_overrides([bad])

@@ -352,6 +352,11 @@ class Run:
     """Eval-time image preprocessing: resize to the run's image size, no augmentation."""
 
 
+def answer_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a run is loaded on for answering: `device` as given, else cuda when there is one, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_run(path: str | Path, device: str | torch.device | None = None, stage: bool = False) -> Run:
     """Build the model of a run directory (or one checkpoint directory in it) and load the checkpoint's weights.
 
@@ -363,7 +368,7 @@ def load_run(path: str | Path, device: str | torch.device | None = None, stage: 
     cfg = read_run_config(run_dir)
     if (run_dir / TOKENIZER).is_dir():
         cfg.model.tokenizer = str(_abs(run_dir / TOKENIZER))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = answer_device(device)
     torch.manual_seed(cfg.train.seed)  # parts without a checkpoint (random: presets) rebuild as in training
     stage = stage and not cfg.model.llm.startswith("random:")
     built = build_model(cfg.model, "cpu" if stage else dev, dtype_device=dev)

@@ -201,8 +201,13 @@ def option_overrides(pairs: list[str]) -> dict:
                 dataclasses.is_dataclass(getattr(defaults, name)):
             raise ValueError(f"--serve-set {pair!r}: give FIELD=VALUE for a plain ServeOptions field")
         current = getattr(defaults, name)
-        kind = type(current) if current is not None else (lambda v: None if v == "None" else int(v))
-        out[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--serve-set {pair!r}: {name} takes true or false")
+            out[name] = value.lower() == "true"
+        else:
+            kind = type(current) if current is not None else (lambda v: None if v == "None" else int(v))
+            out[name] = kind(value)
     return out
 
 

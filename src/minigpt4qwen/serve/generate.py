@@ -19,7 +19,7 @@ from ..data.collate import pad
 from ..data.conversation import ChatTemplate, Turn
 from ..data.images import ImageProcessor, load_image
 from ..models.minigpt4qwen import MiniGPT4Qwen
-from ..runs import Run, load_run
+from ..runs import Run, answer_device, load_run
 from .quantize import check_quantize, quantize_for_inference
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Assistant:
         """Load a run directory (its config + newest complete checkpoint) or one checkpoint directory in it;
         `quantize` (serve/quantize.py) applies to the loaded weights, before any decoder is built."""
         check_quantize(quantize, device)  # a GPU-only mode fails in one line before minutes of loading
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = answer_device(device)
         # quantized on a GPU: loaded on the CPU, then moved layer by layer, each quantized on arrival (the GPU never
         # holds the whole model's unquantized weights; load_run says no for random: presets)
         run = load_run(run_dir, dev, stage=quantize != "none" and dev.type == "cuda")
@@ -119,7 +119,7 @@ class Assistant:
         dev = self.model.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids, mask = pad(ids, pad_id, left=True)
-        pv = torch.stack(pixels).to(dev, non_blocking=True) if pixels else None
+        pv = torch.stack(pixels).to(dev) if pixels else None
         image_tokens = int((input_ids == self.model.image_token_id).sum())  # on the host: no device sync
         features = (tower or self.model.qformer_features)(pv) if pv is not None else None
         embeds = self.model.inputs_embeds(input_ids.to(dev), features=features, image_tokens=image_tokens)

@@ -113,7 +113,9 @@ def check_quantize(mode: str, device: str | torch.device | None) -> None:
     if mode not in _NEEDS:
         return
     need, why = _NEEDS[mode]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..runs import answer_device  # here: runs imports the model stack, which --help need not load
+
+    dev = answer_device(device)
     if dev.type == "cuda":
         cap = torch.cuda.get_device_capability(dev)
         if cap >= need:
@@ -154,9 +156,13 @@ def _is_quantized(weight: torch.Tensor) -> bool:
     return hasattr(type(weight), "__tensor_flatten__")
 
 
-def _decoder_layers(llm: nn.Module) -> list[nn.Module]:
+def _decoder(llm: nn.Module) -> nn.Module:
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return list(base.get_decoder().layers)
+    return base.get_decoder()
+
+
+def _decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    return list(_decoder(llm).layers)
 
 
 def quantize_llm(model: nn.Module, mode: str, device: str | torch.device | None = None) -> QuantizeReport | None:
@@ -200,7 +206,7 @@ def quantize_llm(model: nn.Module, mode: str, device: str | torch.device | None 
     linear_before = tensor_bytes(m.weight for m in linears)
     with torch.inference_mode(False), torch.no_grad():  # normal tensors, as fuse_linears makes them
         if device is not None:  # all but the decoder layers to the target now; the layers below, one by one
-            decoder = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).get_decoder()
+            decoder = _decoder(llm)
             decoder.layers, held = nn.ModuleList(), decoder.layers
             try:
                 model.to(target)
