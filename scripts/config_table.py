@@ -39,7 +39,8 @@ def rows(cls, prefix: str, docs) -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = repr(default).replace("'", "")
-        out.append(f"| `{prefix}{f.name}` | `{shown}` | {docs.get((cls.__name__, f.name), '')} |")
+        doc = docs.get((cls.__name__, f.name), '').replace('|', '\\|')  # a bare | would split the cell
+        out.append(f"| `{prefix}{f.name}` | `{shown}` | {doc} |")
     return out
 
 

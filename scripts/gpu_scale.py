@@ -12,6 +12,12 @@ Runs that fit side by side share the host: four 1-GPU runs at once on GPUs 0-3, 
 so a full table takes about 3 x (one run). Prints one JSON line per (engine, GPUs): steady-state samples/s (last
 half of the steps, from log.jsonl's elapsed_s), efficiency against the same engine on one GPU (rate / (n x rate_1))
 and against DDP at the same size, and the peak memory per GPU; then a table.
+
+Same data at every size (`--same-data`, the default): a run on k of the largest size's N GPUs accumulates N / k
+micro-batches per optimizer step, so every run's step is the same global batch of the same samples (the sampler
+groups lengths per global batch), and the timed steps cover the same rows. Without it a 1-GPU run's timed window
+sees other, on this mix up to ~4% shorter, samples than the 4-GPU run's and the efficiency carries that (and
++-10% of window-to-window noise on a length mix): 2026-11-28's first table was made that way.
 """
 
 from __future__ import annotations
@@ -146,7 +152,9 @@ def measure(run: Path) -> dict:
             "peak_mem_gib": max((r.get("mem_gib", 0) for r in rows), default=None),
             "first_step_s": rows[0]["elapsed_s"] if rows else None,
             "step_s": [round(b["elapsed_s"] - a["elapsed_s"], 3) for a, b in zip(rows, rows[1:])],
-            "losses": [round(r["loss"], 4) for r in rows[:3] + rows[-2:]], "save_wait_s": saves}
+            "losses": [round(r["loss"], 4) for r in rows[:3] + rows[-2:]],
+            "final_loss": round(sum(r["loss"] for r in rows[-5:]) / len(rows[-5:]), 4) if rows else None,
+            "save_wait_s": saves}
 
 
 def mfu(tokens_per_s_per_gpu: float, recompute: bool, peak_tflops: float) -> dict:
@@ -183,6 +191,11 @@ def main() -> int:
                    help="end each run once this many checkpoints are complete (save-time benches)")
     p.add_argument("--no-final-save", action="store_true", help="end each run after its last step is logged")
     p.add_argument("--budget-s", type=float, default=560, help="no new wave starts after this many seconds")
+    p.add_argument("--first-gpu", type=int, default=0, help="use GPUs from this index on (two benches side by side)")
+    p.add_argument("--same-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="smaller runs accumulate (largest size / GPUs) micro-batches: every step the same samples")
+    p.add_argument("--profile-1gpu", default="", help="FIRST,COUNT: torch.profiler over those optimizer steps of the "
+                   "1-GPU runs (keep it before the timed last half); each writes RUN/profile/ops.txt")
     args = p.parse_args()
     import torch
 
@@ -192,10 +205,23 @@ def main() -> int:
     data = write_mix(out / "data", args.samples, args.seq_min, args.seq_max, args.answer_frac, seed=0)
     cfg = config_yaml(out, data, args)
     t0 = time.time()  # the budget counts training runs, not writing the data
-    n_dev = torch.cuda.device_count()
+    n_dev = max(torch.cuda.device_count() - args.first_gpu, 0)
     engines = [e for e in args.engines.split(",") if e]
     results: dict[tuple[str, int], dict] = {}
-    for n in [int(x) for x in args.gpus.split(",")]:
+    sizes = [int(x) for x in args.gpus.split(",")]
+    largest = max([n for n in sizes if n <= n_dev] or [1])
+    if args.same_data and any(x.startswith("train.grad_accum=") for x in args.set):
+        sys.exit("--same-data sets train.grad_accum per run: leave it out of --set, or pass --no-same-data")
+
+    def extra(k: int) -> list[str]:
+        more = list(args.set)
+        if args.same_data and largest % k == 0 and largest > k:
+            more.append(f"train.grad_accum={largest // k}")
+        if k == 1 and args.profile_1gpu:
+            more.append(f"train.profile_steps=[{args.profile_1gpu}]")
+        return more
+
+    for n in sizes:
         if n > n_dev:
             print(json.dumps({"skipped": f"{n} GPUs", "reason": f"{n_dev} visible"}), flush=True)
             continue
@@ -209,13 +235,14 @@ def main() -> int:
             procs = []
             for slot, (e, k) in enumerate(wave):
                 name = f"{e}-{k}gpu{args.tag}"
-                procs.append((e, k, name, launch(name, e, list(range(slot * k, slot * k + k)), cfg, out, args.set)))
+                gpus = list(range(args.first_gpu + slot * k, args.first_gpu + (slot + 1) * k))
+                procs.append((e, k, name, launch(name, e, gpus, cfg, out, extra(k))))
             started = time.time()
             for e, k, name, proc in procs:
                 rc = wait(proc, out / name, args.stop_after_saves, args.steps if args.no_final_save else 0)
                 rec = {"engine": e, "gpus": k, "tag": args.tag, "rc": rc, "wall_s": round(time.time() - started, 1),
                        **measure(out / name),
-                       "overrides": args.set, "compile": args.compile, "batch_per_gpu": args.batch_size,
+                       "overrides": extra(k), "compile": args.compile, "batch_per_gpu": args.batch_size,
                        "device": torch.cuda.get_device_name(0) if n_dev else "cpu",
                        "date": time.strftime("%Y-%m-%d")}
                 if rc and rc != STOPPED:
@@ -231,14 +258,23 @@ def main() -> int:
             rec["tokens_per_s_per_gpu"] = round(rec["tokens_per_s"] / k)
         if r and one.get("samples_per_s"):
             rec["efficiency_vs_1gpu"] = round(r / (k * one["samples_per_s"]), 3)
+        if rec.get("tokens_per_s") and one.get("tokens_per_s"):  # the same measure in tokens through the LLM
+            rec["token_efficiency_vs_1gpu"] = round(rec["tokens_per_s"] / (k * one["tokens_per_s"]), 3)
         if r and ddp.get("samples_per_s"):
             rec["vs_ddp"] = round(r / ddp["samples_per_s"], 3)
+        if rec.get("final_loss") and ddp.get("final_loss"):
+            # the same samples in the same order (--same-data) and seed: every engine should end where DDP does,
+            # within bf16 noise; an engine that trains faster by not training shows here
+            rec["loss_vs_ddp"] = round(rec["final_loss"] / ddp["final_loss"] - 1, 4)
         print(json.dumps(rec), flush=True)
-    print(f"\n{'engine':<11} {'GPUs':>4} {'samples/s':>10} {'eff vs 1':>9} {'vs DDP':>7} {'GiB/GPU':>8}")
+    print(f"\n{'engine':<11} {'GPUs':>4} {'samples/s':>10} {'eff vs 1':>9} {'vs DDP':>7} {'GiB/GPU':>8} {'loss':>7}"
+          f" {'vs DDP':>7}")
+    nan = float("nan")
     for (e, k), rec in results.items():
         sps = rec["samples_per_s"]
-        print(f"{e:<11} {k:>4} {sps or float('nan'):>10.1f} {rec.get('efficiency_vs_1gpu', float('nan')):>9.3f} "
-              f"{rec.get('vs_ddp', float('nan')):>7.3f} {rec['peak_mem_gib'] or float('nan'):>8.1f}")
+        print(f"{e:<11} {k:>4} {sps or nan:>10.1f} {rec.get('efficiency_vs_1gpu', nan):>9.3f} "
+              f"{rec.get('vs_ddp', nan):>7.3f} {rec['peak_mem_gib'] or nan:>8.1f} {rec.get('final_loss') or nan:>7.3f}"
+              f" {rec.get('loss_vs_ddp', nan):>+7.1%}")
     return 0
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Stage 2 on 4 GPUs (FSDP2, 7B dims, ~1k-token conversations): the checkpoint wait, then the MFU levers one at a
-# time (batch 8/16 with activation checkpointing, batch 2 without, padding to a multiple of 64, LoRA), each a
+# time (batch 8/16 with activation checkpointing, batch 2 without, padding to a multiple of 64, fused AdamW, bf16
+# gradient reduction, fp8, LoRA), each a
 # `minigpt4qwen train` run under torchrun through scripts/gpu_scale.py. One JSON line per run in OUT_DIR/*.txt; the
 # batch-4 run also writes a torch.profiler table and trace (OUT_DIR/profile-base-b4/).
-# Usage: bash scripts/gpu_stage2.sh [OUT_DIR]        (about 15-18 minutes on a 4x H100/H200 host)
+# Usage: bash scripts/gpu_stage2.sh [OUT_DIR]        (about 22-25 minutes on a 4x H100/H200 host)
 set -uo pipefail
 OUT=${1:-/tmp/minigpt4qwen-stage2}
 mkdir -p "$OUT"
@@ -28,4 +29,7 @@ run nockpt-b2 --batch-size 2 "${FULL[@]}" "${PAD1[@]}" --no-final-save
 run ckpt-b8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save
 run ckpt-b8-pad64 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" --no-final-save
 run ckpt-b16-pad64 --batch-size 16 "${FULL[@]}" "${CKPT[@]}" --no-final-save
+run ckpt-b8-fused --batch-size 8 "${FULL[@]}" "${CKPT[@]}" --no-final-save --set train.optimizer_impl=fused
+run ckpt-b8-bf16reduce --batch-size 8 "${FULL[@]}" "${CKPT[@]}" --no-final-save --set engine.fsdp_reduce_dtype=bf16
+run ckpt-b8-fp8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" --no-final-save --set train.fp8=tensorwise
 run lora-b8 --batch-size 8 --set model.trainable.llm=lora --no-final-save

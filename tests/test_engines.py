@@ -23,7 +23,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 from test_train import RANDOM_PARTS
 
-from minigpt4qwen.config import Config, load_config, save_config
+from minigpt4qwen.config import Config, ConfigError, load_config, save_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from gpu_faults import children  # noqa: E402 - the drill's own process lookup, shared with these CPU kills
@@ -284,3 +284,58 @@ def test_cpu_buffers_like_keeps_the_structure_and_copies_nothing():
     assert out["model"]["w"].data_ptr() != state["model"]["w"].data_ptr()
     assert out["optim"]["state"][0]["step"].item() == 0.0 and out["optim"]["state"][0]["exp_avg"].shape == (5,)
     assert out["optim"]["param_groups"] == [{"lr": 0.1, "params": [0]}] and out["empty"].shape == (0, 2)
+
+
+def test_optimizer_impl_picks_adamw_kernels_and_steps_alike(tmp_path, shapes_data):
+    """train.optimizer_impl: foreach by default, fused on request (not under DeepSpeed); both make the same update.
+    engine.fsdp_reduce_dtype sets FSDP2's reduce dtype."""
+    from minigpt4qwen.models.minigpt4qwen import build_model
+    from minigpt4qwen.train.engines import fsdp_mp_policy, make_optimizer
+
+    cfg = tiny_config(tmp_path, shapes_data)
+    model = build_model(cfg.model).model
+    default, _ = make_optimizer(model, 10, cfg.train)
+    assert not default.defaults["fused"]
+    fused_cfg = tiny_config(tmp_path, shapes_data, "train.optimizer_impl=fused")
+    fused, _ = make_optimizer(model, 10, fused_cfg.train)
+    assert fused.defaults["fused"] is True
+    assert not make_optimizer(model, 10, fused_cfg.train, fused_ok=False)[0].defaults["fused"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    after = []
+    for opt in (default, fused):
+        for g in opt.param_groups:
+            g["lr"] = 1e-3  # the schedule starts at 0 during warmup
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+                p.grad = torch.full_like(p, 0.01)
+        opt.step()
+        after.append([p.detach().clone() for p in params])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*after))
+    assert not all(torch.equal(a, s) for a, s in zip(after[0], start))
+    with pytest.raises(ConfigError, match="optimizer_impl"):
+        tiny_config(tmp_path, shapes_data, "train.optimizer_impl=adam8bit")
+    assert fsdp_mp_policy("bf16").reduce_dtype == torch.float32
+    assert fsdp_mp_policy("bf16", "bf16").reduce_dtype == torch.bfloat16
+    assert fsdp_mp_policy("bf16", "bf16").param_dtype == torch.bfloat16 and fsdp_mp_policy("fp32").param_dtype is None
+    with pytest.raises(ConfigError, match="fsdp_reduce_dtype"):
+        tiny_config(tmp_path, shapes_data, "engine.fsdp_reduce_dtype=fp16")
+
+
+def test_zero3_keeps_torch_linear_unless_asked(tmp_path, shapes_data):
+    """DeepSpeed's memory_efficient_linear (its default) swaps torch.nn.functional.linear process-wide; under
+    compiled layers on an H200 ZeRO-3 then did not learn. Off in every generated config; asked for together with
+    train.compile it is refused with the fix."""
+    for stage in range(4):
+        conf = deepspeed_config(tiny_config(tmp_path, shapes_data, f"engine.zero_stage={stage}"), "bf16")
+        assert conf["zero_optimization"]["memory_efficient_linear"] is False
+    own = tmp_path / "z3.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3, "memory_efficient_linear": True}}))
+    cfg = tiny_config(tmp_path, shapes_data, "engine.name=deepspeed", "engine.zero_stage=3",
+                      f"engine.deepspeed_config={own}")
+    assert deepspeed_config(cfg, "bf16")["zero_optimization"]["memory_efficient_linear"] is True  # no compile: kept
+    compiled = tiny_config(tmp_path, shapes_data, "engine.name=deepspeed", "engine.zero_stage=3",
+                           f"engine.deepspeed_config={own}", "train.compile=true")
+    with pytest.raises(ConfigError, match="memory_efficient_linear.*z3.json|z3.json.*memory_efficient_linear"):
+        deepspeed_config(compiled, "bf16")

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config, TrainConfig
+from ..config import Config, ConfigError, TrainConfig
 from ..runs import DS_TAG, FSDP_DIR, load_weights
 from .fp8 import fsdp_float8_all_gather, plain_weights
 
@@ -151,11 +151,13 @@ def param_groups(model: nn.Module, weight_decay: float, llm_lr: float = 0.0) -> 
 
 
 def make_optimizer(
-    model: nn.Module, total: int, tc: TrainConfig
+    model: nn.Module, total: int, tc: TrainConfig, fused_ok: bool = True
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW + warmup/cosine as a LambdaLR factor, so a group with its own peak LR follows the same shape."""
+    """AdamW + warmup/cosine as a LambdaLR factor, so a group with its own peak LR follows the same shape.
+    `fused_ok`: the engine steps this optimizer itself (train.optimizer_impl=fused applies)."""
     groups = [g for g in param_groups(model, tc.weight_decay, tc.llm_lr) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+    kw = {"fused": True} if fused_ok and tc.optimizer_impl == "fused" else {}
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), **kw)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
 
 
@@ -296,6 +298,13 @@ def deepspeed_config(cfg: Config, precision: str) -> dict:
     conf["fp16"] = {"enabled": False}
     zero = conf.setdefault("zero_optimization", {})
     zero["stage"] = ec.zero_stage
+    # DeepSpeed's default (true) replaces torch.nn.functional.linear process-wide with its own autograd Function at
+    # ZeRO-3 setup; with compiled decoder layers in bf16 on an H200 the projector then barely learned (stage 1, loss
+    # 12.84 -> 12.81 in 40 steps where DDP, ZeRO-2 and FSDP2 reached 9.9 on the same data, 2026-11-28)
+    zero.setdefault("memory_efficient_linear", False)
+    if zero["memory_efficient_linear"] and ec.zero_stage == 3 and tc.compile:
+        raise ConfigError(f"{path}: zero_optimization.memory_efficient_linear=true with train.compile=true trains "
+                          "wrong under ZeRO-3 (measured: the loss stayed flat); set it to false or train.compile=false")
     if ec.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ec.offload_params:
@@ -315,7 +324,7 @@ class DeepSpeedEngine(Engine):
             raise ValueError("engine deepspeed: use train.precision=bf16 (or fp32); fp16 loss scaling is not wired")
         self.module, self.dist, self.tc = module, dist_, cfg.train
         self.trainable = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = make_optimizer(module, total, self.tc)
+        self.optimizer, self.scheduler = make_optimizer(module, total, self.tc, fused_ok=False)
         self.hidden = hide_frozen_parts(module) if replicate_frozen(cfg, module, dist_.device) else []
         # only trainable parameters: ZeRO must not build optimizer partitions for the frozen towers
         self.model, _, _, _ = deepspeed.initialize(
@@ -414,22 +423,29 @@ def direct_stager(pin: bool = True):
     return DirectStager()
 
 
+def fsdp_mp_policy(precision: str, reduce_dtype: str = "fp32"):
+    """FSDP2's mixed precision: bf16 compute over fp32 sharded weights with bf16; gradients reduce-scattered in
+    `reduce_dtype` (engine.fsdp_reduce_dtype; fp32 = the weights' dtype, as torchtitan)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    reduce = torch.bfloat16 if reduce_dtype == "bf16" else torch.float32
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=reduce)
+
+
 class FSDPEngine(Engine):
     """PyTorch FSDP2: every transformer block (`*.layers.N` / `*.layer.N`) and then the whole model fully_shard-ed."""
 
     name = "fsdp"
 
     def wrap(self, module: nn.Module, cfg: Config, precision: str) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         if precision == "fp16":
             raise ValueError("engine fsdp: use train.precision=bf16 (or fp32)")
         self.async_save, self._gloo, self._future, self._stager = cfg.engine.async_save, None, None, None
         self.async_stager = cfg.engine.async_stager
         self.fp8_all_gather = fsdp_float8_all_gather(cfg)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if precision == "bf16" else MixedPrecisionPolicy()
-        kw = {"mp_policy": mp, "reshard_after_forward": cfg.engine.fsdp_reshard_after_forward}
+        kw = {"mp_policy": fsdp_mp_policy(precision, cfg.engine.fsdp_reduce_dtype), "reshard_after_forward": cfg.engine.fsdp_reshard_after_forward}
         # replicated frozen weights are FSDP's ignored_params: never sharded, gathered, cast or reduced
         frozen = {p for p in module.parameters() if not p.requires_grad} \
             if replicate_frozen(cfg, module, self.dist.device) else set()
