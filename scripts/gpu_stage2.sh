@@ -24,6 +24,9 @@ run save-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set 
 # the same saves with the first save's pinned buffers allocated empty and filled by one copy (engine.async_stager)
 run save-direct-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
   --set train.keep_last=1 --set engine.async_stager=direct
+# pageable buffers made after the first step and mapped in the background, never pinned (engine.async_stager)
+run save-prefault-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
+  --set train.keep_last=1 --set engine.async_stager=prefault
 run base-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save --set "train.profile_steps=[8,2]"
 run nockpt-b2 --batch-size 2 "${FULL[@]}" "${PAD1[@]}" --no-final-save
 run ckpt-b8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save

@@ -145,10 +145,12 @@ def test_deepspeed_zero3_matches_single_and_consolidates(tmp_path, shapes_data, 
 
 
 def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_data, reference):
-    # engine.async_stager=direct: the async saves go through `direct_stager` (its buffers unpinned on the CPU), so
-    # the exact resume below checks what it staged; the second run keeps the default (DCP's own fresh copy on CPU)
-    cfg_file, run = _config(tmp_path, shapes_data, "fsdp", "engine.name=fsdp", "engine.async_stager=direct")
+    # engine.async_stager=prefault: the async saves copy into the buffers `prefaulted_stager` made after the first
+    # step (the copy path of `direct` too), so the exact resume below checks what they staged; the second run keeps
+    # the default (DCP's own fresh copy on CPU)
+    cfg_file, run = _config(tmp_path, shapes_data, "fsdp", "engine.name=fsdp", "engine.async_stager=prefault")
     _run(_torchrun("--config", str(cfg_file)), tmp_path / "fsdp.log")
+    assert "checkpoint buffers:" in (run / "train.log").read_text()
     full = losses(run)
     assert full == pytest.approx(reference, **PARITY)
     ckpt = latest_checkpoint(run)
@@ -339,3 +341,26 @@ def test_zero3_keeps_torch_linear_unless_asked(tmp_path, shapes_data):
                            f"engine.deepspeed_config={own}", "train.compile=true")
     with pytest.raises(ConfigError, match="memory_efficient_linear.*z3.json|z3.json.*memory_efficient_linear"):
         deepspeed_config(compiled, "bf16")
+
+
+def test_prefaulted_stager_copies_into_the_buffers_it_made_before_the_first_save():
+    """engine.async_stager=prefault: the buffers exist (and are being touched) before any save; every save copies into
+    those same buffers, after the touching thread has ended, and the staged copy equals the state."""
+    from minigpt4qwen.train.engines import prefaulted_stager
+
+    state = {"model": {"w": torch.randn(300, 700), "b": torch.randn(3).to(torch.bfloat16)},
+             "optim": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(300, 700)}},
+                       "param_groups": [{"lr": 0.5, "params": [0]}]}}
+    stager = prefaulted_stager(state)
+    made = stager.buffers["model"]["w"]
+    assert made.data_ptr() != state["model"]["w"].data_ptr()
+    for _ in range(2):
+        state["model"]["w"].add_(1.0)
+        staged = stager.stage(state)
+        assert stager.ready is None  # the page-touching thread was waited for
+        assert staged["model"]["w"].data_ptr() == made.data_ptr()  # the same memory at every save
+        assert torch.equal(staged["model"]["w"], state["model"]["w"])
+        assert torch.equal(staged["optim"]["state"][0]["exp_avg"], state["optim"]["state"][0]["exp_avg"])
+        assert staged["model"]["b"].dtype == torch.bfloat16 and torch.equal(staged["model"]["b"], state["model"]["b"])
+        assert staged["optim"]["state"][0]["step"].item() == 3.0
+        assert staged["optim"]["param_groups"][0]["lr"] == 0.5

@@ -24,9 +24,11 @@ update on the same global batch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from ..config import Config, ConfigError, TrainConfig
 from ..runs import DS_TAG, FSDP_DIR, load_weights
 from .fp8 import fsdp_float8_all_gather, plain_weights
 
+log = logging.getLogger("minigpt4qwen.train")
 SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
@@ -380,6 +383,8 @@ def _pinned_stager(how: str = "dcp", pin: bool | None = None):
         warnings.simplefilter("ignore", FutureWarning)  # marked deprecated in favour of DefaultStager (see above)
         if how == "direct":
             return direct_stager(pin)
+        if how == "prefault":  # a save before the first step's buffers exist: made at that save
+            return direct_stager(pin=False)
         return BlockingAsyncStager(cache_staged_state_dict=True)
 
 
@@ -404,23 +409,59 @@ def cpu_buffers_like(state, pin: bool):
     return state
 
 
-def direct_stager(pin: bool = True):
+def direct_stager(pin: bool = True, buffers=None, ready: threading.Thread | None = None):
     """A BlockingAsyncStager whose cached CPU copy is made by `cpu_buffers_like` at the first save: one allocation and
-    one copy per tensor, where DCP's own cache costs two allocations and three copies (engine.async_stager=direct)."""
+    one copy per tensor, where DCP's own cache costs two allocations and three copies (engine.async_stager=direct).
+    `buffers` made beforehand are used instead (`prefaulted_stager`); a save first waits for `ready` to end."""
     from torch.distributed._state_dict_utils import _copy_state_dict
     from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
     class DirectStager(BlockingAsyncStager):
         def __init__(self) -> None:
             super().__init__(cache_staged_state_dict=True)
-            self.buffers = None
+            self.buffers, self.ready = buffers, ready
 
         def stage(self, state_dict):
+            if self.ready is not None:  # the buffers' pages are still being touched: never copy under that
+                self.ready.join()
+                self.ready = None
             if self.buffers is None:
                 self.buffers = cpu_buffers_like(state_dict, pin)
             return _copy_state_dict(state_dict, self.buffers)
 
     return DirectStager()
+
+
+def _local_tensors(state):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        yield state._local_tensor
+    elif isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _local_tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _local_tensors(v)
+
+
+def prefaulted_stager(state):
+    """engine.async_stager=prefault: pageable (unpinned) CPU buffers shaped like `state`, made now, their pages
+    touched by a background thread while training goes on (the kernel maps 22 GB per rank of a 7B full-LLM state
+    there, not inside the first save); every save then only copies into memory that is already there. No page-locking
+    at all: copies from the GPU run at pageable speed, which is what pinned buffers would have bought."""
+    buffers = cpu_buffers_like(state, pin=False)
+    tensors = [t for t in _local_tensors(buffers) if t.numel()]
+
+    def touch() -> None:
+        for t in tensors:  # one element per 4 KiB page maps the page; writing all of it would only cost bandwidth
+            t.view(-1)[:: max(4096 // t.element_size(), 1)].zero_()
+
+    ready = threading.Thread(target=touch, name="prefault-checkpoint-buffers", daemon=True)
+    ready.start()
+    return direct_stager(pin=False, buffers=buffers, ready=ready)
 
 
 def fsdp_mp_policy(precision: str, reduce_dtype: str = "fp32"):
@@ -463,6 +504,12 @@ class FSDPEngine(Engine):
 
     def step(self) -> float:
         norm = super().step()
+        if self.async_save and self.async_stager == "prefault" and self._stager is None:
+            # the optimizer state exists from the first step on: the checkpoint's shapes are known now
+            self._stager = prefaulted_stager(self._sharded())
+            size = sum(t.numel() * t.element_size() for t in _local_tensors(self._stager.buffers))
+            log.info("checkpoint buffers: %.2f GB of CPU memory for this rank's shards, mapped in the background "
+                     "(engine.async_stager=prefault)", size / 1e9)
         if self.fp8_all_gather:
             from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
