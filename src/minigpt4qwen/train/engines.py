@@ -450,8 +450,9 @@ def _local_tensors(state):
 def prefaulted_stager(state):
     """engine.async_stager=prefault: pageable (unpinned) CPU buffers shaped like `state`, made now, their pages
     touched by a background thread while training goes on (the kernel maps 22 GB per rank of a 7B full-LLM state
-    there, not inside the first save); every save then only copies into memory that is already there. No page-locking
-    at all: copies from the GPU run at pageable speed, which is what pinned buffers would have bought."""
+    there, not inside the first save); every save then only copies into memory that is already there. Nothing is
+    page-locked, so no save pays for pinning; the price is that every copy from the GPU runs at pageable-memory speed
+    (slower than into pinned buffers; on GPUs not measured yet)."""
     buffers = cpu_buffers_like(state, pin=False)
     tensors = [t for t in _local_tensors(buffers) if t.numel()]
 
@@ -465,8 +466,8 @@ def prefaulted_stager(state):
 
 
 def fsdp_mp_policy(precision: str, reduce_dtype: str = "fp32"):
-    """FSDP2's mixed precision: bf16 compute over fp32 sharded weights with bf16; gradients reduce-scattered in
-    `reduce_dtype` (engine.fsdp_reduce_dtype; fp32 = the weights' dtype, as torchtitan)."""
+    """FSDP2's mixed precision: with bf16 the fp32 sharded weights are gathered as bf16 for compute; gradients are
+    reduce-scattered in `reduce_dtype` (engine.fsdp_reduce_dtype; fp32 = the weights' dtype, as in torchtitan)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     reduce = torch.bfloat16 if reduce_dtype == "bf16" else torch.float32
@@ -486,7 +487,8 @@ class FSDPEngine(Engine):
         self.async_save, self._gloo, self._future, self._stager = cfg.engine.async_save, None, None, None
         self.async_stager = cfg.engine.async_stager
         self.fp8_all_gather = fsdp_float8_all_gather(cfg)
-        kw = {"mp_policy": fsdp_mp_policy(precision, cfg.engine.fsdp_reduce_dtype), "reshard_after_forward": cfg.engine.fsdp_reshard_after_forward}
+        kw = {"mp_policy": fsdp_mp_policy(precision, cfg.engine.fsdp_reduce_dtype),
+              "reshard_after_forward": cfg.engine.fsdp_reshard_after_forward}
         # replicated frozen weights are FSDP's ignored_params: never sharded, gathered, cast or reduced
         frozen = {p for p in module.parameters() if not p.requires_grad} \
             if replicate_frozen(cfg, module, self.dist.device) else set()
