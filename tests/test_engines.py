@@ -144,6 +144,20 @@ def test_deepspeed_zero3_matches_single_and_consolidates(tmp_path, shapes_data, 
     assert all(torch.equal(rebuilt[k], gathered[k]) for k in gathered)
 
 
+def test_deepspeed_zero3_full_llm_with_torch_linear_matches_single(tmp_path, shapes_data):
+    """Stage 2 under ZeRO-3: the LLM's own weights partitioned, gathered for forward and again for backward through
+    torch's linear (memory_efficient_linear off, see test_zero3_keeps_torch_linear_unless_asked): same losses."""
+    pytest.importorskip("deepspeed")
+    short = ["train.max_steps=4", "train.grad_accum=2", "train.save_every_steps=0", "train.save_every_epochs=0",
+             "model.trainable.llm=full"]
+    single = losses(train(tiny_config(tmp_path / "single", shapes_data, *short, "train.batch_size=4")))
+    cfg_file, run = _config(tmp_path, shapes_data, "zero3-full", *short, "engine.name=deepspeed",
+                            "engine.zero_stage=3")
+    _run(_torchrun("--config", str(cfg_file)), tmp_path / "zero3-full.log")
+    assert single[-1] < single[0]  # the LLM trains
+    assert losses(run) == pytest.approx(single, **PARITY)
+
+
 def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_data, reference):
     # engine.async_stager=prefault: the async saves copy into the buffers `prefaulted_stager` made after the first
     # step (the copy path of `direct` too), so the exact resume below checks what they staged; the second run keeps
