@@ -365,12 +365,13 @@ class DeepSpeedEngine(Engine):
             raise FileNotFoundError(f"{ckpt}/{DS_TAG}: no DeepSpeed state (was the run trained with another engine?)")
 
 
-def _pinned_stager(how: str = "dcp", pin: bool | None = None):
+def _async_stager(how: str = "dcp", pin: bool | None = None):
     """On CUDA (or `pin` given), a stager that keeps one CPU copy of this rank's shards across saves, pinned on CUDA:
     the copy at a save runs at pinned D2H speed into memory that already exists (29 s of a 7B full-LLM save on 4x H100
     went to copying into fresh pageable memory). Costs host RAM = this rank's checkpoint shard, held for the run.
     Elsewhere None = DCP's default fresh copy. `how` (engine.async_stager): dcp = DCP's BlockingAsyncStager with its
-    cache, direct = `direct_stager`. DCP's DefaultStager with reused pinned buffers failed at its second save on torch
+    cache, direct = `direct_stager`, prefault = unpinned `direct_stager` buffers (normally made after the first step
+    by `prefaulted_stager`; this covers a save before that). DCP's DefaultStager with reused pinned buffers failed at its second save on torch
     2.11 (KeyError: <class 'type'>, 4x H100, 2026-11-28), hence the older stager."""
     pin = torch.cuda.is_available() if pin is None else pin
     if not pin and how == "dcp":
@@ -383,7 +384,7 @@ def _pinned_stager(how: str = "dcp", pin: bool | None = None):
         warnings.simplefilter("ignore", FutureWarning)  # marked deprecated in favour of DefaultStager (see above)
         if how == "direct":
             return direct_stager(pin)
-        if how == "prefault":  # a save before the first step's buffers exist: made at that save
+        if how == "prefault":
             return direct_stager(pin=False)
         return BlockingAsyncStager(cache_staged_state_dict=True)
 
@@ -554,7 +555,7 @@ class FSDPEngine(Engine):
             if self._gloo is None:  # DCP's background thread coordinates over a CPU group, not NCCL
                 self._gloo = dist.new_group(backend="gloo")
             if self._stager is None:
-                self._stager = _pinned_stager(self.async_stager)
+                self._stager = _async_stager(self.async_stager)
             self._future = dcp.async_save(self._sharded(), checkpoint_id=str(tmp / FSDP_DIR), process_group=self._gloo,
                                           async_stager=self._stager)
         else:
