@@ -19,14 +19,16 @@ run() {  # run NAME ARGS...: one gpu_scale.py invocation, its summary lines kept
   rm -rf "$OUT/runs/fsdp-4gpu-$name"  # 87 GB per full-LLM checkpoint: the disk holds about two
 }
 PAD1=(--set data.pad_to_multiple_of=1)  # padding to the batch's longest row: the behaviour before 2026-11-28
-run save-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
-  --set train.keep_last=1
+# DCP's pinned cache (engine.async_stager=dcp; the default before 2026-11-28)
+run save-dcp-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
+  --set train.keep_last=1 --set engine.async_stager=dcp
 # the same saves with the first save's pinned buffers allocated empty and filled by one copy (engine.async_stager)
 run save-direct-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
   --set train.keep_last=1 --set engine.async_stager=direct
-# pageable buffers made after the first step and mapped in the background, never pinned (engine.async_stager)
-run save-prefault-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=5 \
-  --set train.keep_last=1 --set engine.async_stager=prefault
+# pageable buffers made after the first step and mapped in the background, never pinned (the default); the first
+# save 20 steps in, as in a run with a realistic interval (at step 5 the mapping is not done yet)
+run save-prefault-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" --stop-after-saves 2 --set train.save_every_steps=20 \
+  --set train.keep_last=1 --steps 45
 run base-b4 --batch-size 4 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save --set "train.profile_steps=[8,2]"
 run nockpt-b2 --batch-size 2 "${FULL[@]}" "${PAD1[@]}" --no-final-save
 run ckpt-b8 --batch-size 8 "${FULL[@]}" "${CKPT[@]}" "${PAD1[@]}" --no-final-save

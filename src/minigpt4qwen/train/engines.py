@@ -453,7 +453,8 @@ def prefaulted_stager(state):
     touched by a background thread while training goes on (the kernel maps 22 GB per rank of a 7B full-LLM state
     there, not inside the first save); every save then only copies into memory that is already there. Nothing is
     page-locked, so no save pays for pinning; the price is that every copy from the GPU runs at pageable-memory speed
-    (slower than into pinned buffers; on GPUs not measured yet)."""
+    (7B full LLM, 4x H200: the first save 20 steps in cost training 2.8 s, against 52.4 s for pinning at the first
+    save and ~1 s per later save into pinned buffers)."""
     buffers = cpu_buffers_like(state, pin=False)
     tensors = [t for t in _local_tensors(buffers) if t.numel()]
 
