@@ -162,7 +162,8 @@ def mfu(tokens_per_s_per_gpu: float, recompute: bool, peak_tflops: float, frozen
     """Model FLOPs of stage-2 training of the Qwen-7B-dims LLM per token, torchtitan's way: 6 x non-embedding
     parameters (lm_head counted) + 12 x layers x width x sequence for attention (sequence ~ the mix's mean).
     `frozen_base` (LoRA): 4 x parameters, as no weight gradient of the base is computed (forward 2N + the gradient
-    of the activations 2N; the adapters' own FLOPs, well under 1% of N at the default rank 8, are left out); attention stays."""
+    of the activations 2N; the adapters' own FLOPs, well under 1% of N at the default rank 8, are left out);
+    attention's term stays."""
     n_layers, width, vocab, inter, seq = 32, 4096, 151936, 11008, 1024
     per_layer = 4 * width * width + 3 * width * inter  # q, k, v, o + gate, up, down
     n = n_layers * per_layer + vocab * width
