@@ -371,8 +371,8 @@ def _async_stager(how: str = "dcp", pin: bool | None = None):
     went to copying into fresh pageable memory). Costs host RAM = this rank's checkpoint shard, held for the run.
     Elsewhere None = DCP's default fresh copy. `how` (engine.async_stager): dcp = DCP's BlockingAsyncStager with its
     cache, direct = `direct_stager`, prefault = unpinned `direct_stager` buffers (normally made after the first step
-    by `prefaulted_stager`; this covers a save before that). DCP's DefaultStager with reused pinned buffers failed at its second save on torch
-    2.11 (KeyError: <class 'type'>, 4x H100, 2026-11-28), hence the older stager."""
+    by `prefaulted_stager`; this covers a save before that). DCP's DefaultStager with reused pinned buffers failed
+    at its second save on torch 2.11 (KeyError: <class 'type'>, 4x H100, 2026-11-28), hence the older stager."""
     pin = torch.cuda.is_available() if pin is None else pin
     if not pin and how == "dcp":
         return None
