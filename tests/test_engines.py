@@ -159,10 +159,10 @@ def test_deepspeed_zero3_full_llm_with_torch_linear_matches_single(tmp_path, sha
 
 
 def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_data, reference):
-    # engine.async_stager=prefault: the async saves copy into the buffers `prefaulted_stager` made after the first
-    # step (the copy path of `direct` too), so the exact resume below checks what they staged; the second run keeps
-    # the default (DCP's own fresh copy on CPU)
-    cfg_file, run = _config(tmp_path, shapes_data, "fsdp", "engine.name=fsdp", "engine.async_stager=prefault")
+    # the default engine.async_stager=prefault: the async saves copy into the buffers `prefaulted_stager` made after
+    # the first step (the copy path of `direct` too), so the exact resume below checks what they staged; the last
+    # run takes engine.async_stager=dcp (DCP's own fresh copy on CPU)
+    cfg_file, run = _config(tmp_path, shapes_data, "fsdp", "engine.name=fsdp")
     _run(_torchrun("--config", str(cfg_file)), tmp_path / "fsdp.log")
     assert "checkpoint buffers:" in (run / "train.log").read_text()
     full = losses(run)
@@ -182,9 +182,11 @@ def test_fsdp2_matches_single_and_resumes_from_sharded_state(tmp_path, shapes_da
     _run(_torchrun("--resume", str(run)), tmp_path / "fsdp-resume.log")
     assert losses(run) == full
     # frozen weights sharded like trainable ones (for models that do not fit one GPU): the same training
-    cfg_file, run = _config(tmp_path, shapes_data, "fsdp-shard", "engine.name=fsdp", "engine.frozen=shard")
+    cfg_file, run = _config(tmp_path, shapes_data, "fsdp-shard", "engine.name=fsdp", "engine.frozen=shard",
+                            "engine.async_stager=dcp")
     _run(_torchrun("--config", str(cfg_file)), tmp_path / "fsdp-shard.log")
     assert losses(run) == pytest.approx(reference, **PARITY)
+    assert "checkpoint buffers:" not in (run / "train.log").read_text()
 
 
 @pytest.mark.slow

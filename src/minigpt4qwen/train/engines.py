@@ -433,19 +433,12 @@ def direct_stager(pin: bool = True, buffers=None, ready: threading.Thread | None
     return DirectStager()
 
 
-def _local_tensors(state):
+def _local_tensors(state) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state dict, a DTensor as its local shard."""
     from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_leaves
 
-    if isinstance(state, DTensor):
-        yield state._local_tensor
-    elif isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for v in state.values():
-            yield from _local_tensors(v)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            yield from _local_tensors(v)
+    return [t._local_tensor if isinstance(t, DTensor) else t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
 
 
 def prefaulted_stager(state):
