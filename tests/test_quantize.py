@@ -49,7 +49,11 @@ def is_quantized(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------- CPU
 
 
-def test_int8_quantizes_the_decoder_linears_and_nothing_else(tiny_run):
+def vision_linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for layer in model.vision_model.encoder.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+
+
+def test_int8_quantizes_the_decoder_and_vision_linears_and_nothing_else(tiny_run):
     from torchao.quantization import Int8Tensor
 
     plain = Assistant.from_run(tiny_run, device="cpu").model
@@ -58,50 +62,98 @@ def test_int8_quantizes_the_decoder_linears_and_nothing_else(tiny_run):
     linears = decoder_linears(llm)
     assert len(linears) == 2 * 7  # q/k/v/o + gate/up/down in each of the 2 layers
     assert all(type(m.weight) is Int8Tensor and not m.weight.requires_grad for m in linears)
+    vision = vision_linears(model)
+    assert len(vision) == 2 * 4  # qkv, projection, fc1, fc2 in each of the 2 blocks
+    assert all(type(m.weight) is Int8Tensor for m in vision)
     # q/k/v (and gate/up) are row slices of one quantized weight: one matmul for FastDecoder, one copy in memory
     attn = llm.model.layers[0].self_attn
     assert attn.k_proj.weight.qdata.untyped_storage().data_ptr() == attn.q_proj.weight.qdata.untyped_storage().data_ptr()
-    # the vision side, the projector, the embedding table and lm_head (tied to it) are the loaded tensors, unquantized
+    # the Q-Former, the projector, biases, norms, the patch embedding, the embedding table and lm_head (tied to it):
+    # the loaded tensors, unquantized
     before = {**plain.state_dict(keep_vars=True)}
+    quantized = {n for n, m in model.named_modules() if m in [*linears, *vision]}
     for name, value in model.state_dict(keep_vars=True).items():
-        if name.startswith("llm.model.layers.") and name.endswith("_proj.weight"):
+        if name.removesuffix(".weight") in quantized:
             continue
         assert not is_quantized(value), name
         assert torch.equal(value, before[name]), name
     assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
     # each quantized weight dequantizes to (nearly) the loaded one: the right rows went to the right Linear
-    plain_linears = decoder_linears(plain.llm)
-    for q, ref in zip(linears, plain_linears, strict=True):
+    for q, ref in zip([*linears, *vision], [*decoder_linears(plain.llm), *vision_linears(plain)], strict=True):
         err = (q.weight.dequantize() - ref.weight).abs().max()
         assert err <= ref.weight.abs().amax() / 127 + 1e-6
+    # and the image features move by int8 rounding only
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref, out = plain.qformer_features(pixels), model.qformer_features(pixels)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < err < 0.05, err
 
 
-def test_staged_quantization_moves_and_quantizes_one_layer_at_a_time(tiny_run, monkeypatch):
+def test_untied_embedding_becomes_int8_rows(tmp_path):
+    """An embedding of its own (Qwen-7B-Chat, Qwen2.5-7B) is stored as int8 rows + one scale each: half of bf16's
+    bytes, lookups within a row's max / 254 of the loaded values, and HF generate / FastDecoder read it as before."""
+    from minigpt4qwen.serve.quantize import Int8Embedding
+
+    llm = tiny_llm(torch.bfloat16, tie_word_embeddings=False, initializer_range=0.2)
+    table = llm.get_input_embeddings().weight.detach().clone()
+    head = llm.get_output_embeddings().weight
+    report = quantize_llm(llm, "int8")
+    embed = llm.get_input_embeddings()
+    assert type(embed) is Int8Embedding and llm.get_output_embeddings().weight is head  # lm_head as loaded
+    assert embed.qweight.dtype == torch.int8 and tensor_bytes(embed.buffers()) == table.numel() + 4 * table.shape[0]
+    ids = torch.tensor([[0, 5, 511, 5]])
+    got = embed(ids)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 4, 64)
+    ref = table[ids].float()
+    bound = ref.abs().amax(-1, keepdim=True) / 254 + ref.abs() * 2**-8  # int8 rounding + the bf16 result's
+    assert ((got.float() - ref).abs() <= bound).all()
+    assert torch.equal(embed.dequantize()[ids], got)
+    # the report counts the int8 rows: the LLM shrank by the decoder linears and half the table
+    saved_linears = report.linear_bytes_before - report.linear_bytes_after
+    assert report.llm_bytes_before - report.llm_bytes_after == saved_linears + table.numel() * 2 - tensor_bytes(
+        embed.buffers())
+    torch.manual_seed(1)
+    embeds = torch.randn(2, 12, 64, dtype=torch.bfloat16)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    with torch.inference_mode():
+        ref = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = FastDecoder(llm, max_batch=2, max_len=32, fuse=True, cuda_graph=False).generate(embeds, mask, 8)
+    assert torch.equal(out, ref)  # tokens after the first are looked up in the int8 table on both paths
+
+
+def test_staged_quantization_moves_and_quantizes_one_block_at_a_time(tiny_run, monkeypatch):
     """`quantize_for_inference(..., device=)` (what `--quantize` does on a GPU, after `load_run(stage=True)` built the
-    model on the CPU): everything but the decoder layers moves first, then each layer is moved only after the ones
-    before it are quantized, and the weights come out as quantizing in place makes them."""
+    model on the CPU): everything but the vision tower's and the decoder's blocks moves first, then each block is moved
+    only after the ones before it are quantized, and the weights come out as quantizing in place makes them."""
     from minigpt4qwen.runs import load_run
 
     in_place = Assistant.from_run(tiny_run, device="cpu", quantize="int8").model
     model = load_run(tiny_run, "cpu", stage=True).model.eval()
-    layers = list(model.llm.model.layers)
+    blocks = list(model.vision_model.encoder.layers) + list(model.llm.model.layers)
     moves = []
     original = nn.Module.to
 
+    def quantized() -> list[bool]:
+        return [all(is_quantized(m.weight) for m in b.modules() if isinstance(m, nn.Linear)) for b in blocks]
+
     def to(self, *args, **kwargs):
         if self is model:
-            moves.append(("model", len(model.llm.model.layers)))
-        elif any(self is layer for layer in layers):
-            moves.append((layers.index(self), [is_quantized(layer.self_attn.q_proj.weight) for layer in layers]))
+            moves.append(("model", len(model.vision_model.encoder.layers) + len(model.llm.model.layers)))
+        elif any(self is b for b in blocks):
+            moves.append((blocks.index(self), quantized()))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(nn.Module, "to", to)
     quantize_for_inference(model, "int8", device="cpu")
-    n = len(layers)
-    assert moves[0] == ("model", 0)  # the rest of the model went first, without its decoder layers
+    n = len(blocks)
+    assert n == 4
+    assert moves[0] == ("model", 0)  # the rest of the model went first, without the blocks
     assert moves[1:] == [(i, [j < i for j in range(n)]) for i in range(n)]
-    assert list(model.llm.model.layers) == layers  # put back, in order
-    for staged, ref in zip(decoder_linears(model.llm), decoder_linears(in_place.llm), strict=True):
+    assert list(model.vision_model.encoder.layers) + list(model.llm.model.layers) == blocks  # put back, in order
+    for staged, ref in zip([*vision_linears(model), *decoder_linears(model.llm)],
+                           [*vision_linears(in_place), *decoder_linears(in_place.llm)], strict=True):
         assert torch.equal(staged.weight.dequantize(), ref.weight.dequantize())
 
 

@@ -40,6 +40,7 @@ class TrainMode:
     cached: bool = False
     compile: bool = False
     static_compile: bool = False
+    vision_compile: bool = False
     pad_mask: bool = False
     batch_size: int | None = None
     fp8: str = "off"
@@ -65,7 +66,8 @@ def parse_train_variant(name: str) -> TrainMode:
     -padmask keeps the padding mask (masked SDPA kernel) where micro_step drops it for right-padded batches;
     -compile = `layer.compile(dynamic=True)` per decoder layer; -scompile = static shapes (dynamic=False, batches
     padded to a multiple of 64, every shape compiled during warm-up). -fp8-<recipe> = `train.fp8` (CUDA >= 8.9),
-    -once = `train.fp8_frozen=once`, -liger = `train.liger` (CUDA, liger-kernel installed).
+    -once = `train.fp8_frozen=once`, -liger = `train.liger` (CUDA, liger-kernel installed), -vcompile = the frozen
+    vision tower's blocks compiled too (`compile_vision_layers`; with -cached it has nothing to do).
     """
     if name == "seed-style":
         return TrainMode(pad_max=True, hf_loss=True, ckpt=True, pad_mask=True)
@@ -73,7 +75,8 @@ def parse_train_variant(name: str) -> TrainMode:
     if head != "fast":
         raise ValueError(f"unknown training variant {name!r}: use seed-style or fast[-padmax|-hfloss|-ckpt|...]")
     flags = {"padmax": "pad_max", "hfloss": "hf_loss", "ckpt": "ckpt", "cached": "cached", "compile": "compile",
-             "scompile": "static_compile", "padmask": "pad_mask", "once": "fp8_once", "liger": "liger"}
+             "scompile": "static_compile", "vcompile": "vision_compile", "padmask": "pad_mask", "once": "fp8_once",
+             "liger": "liger"}
     mode = TrainMode()
     rest = iter(tokens)
     for t in rest:
@@ -155,6 +158,8 @@ def train_setup(model: MiniGPT4Qwen, mode: TrainMode) -> Iterator[None]:
             undo_liger = apply_liger(model, layer_kernels=not mode.compiled)
         if mode.compiled:
             model.compile_decoder_layers(dynamic=not mode.static_compile)
+        if mode.vision_compile:
+            model.compile_vision_layers()
         yield
     finally:
         if mode.ckpt:

@@ -34,8 +34,9 @@ def add_compile_decode_arg(p: argparse.ArgumentParser) -> None:
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     """`--quantize`, shared by chat, predict, webui, serve and eval (applied once, in `Assistant.from_args`)."""
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                   help="weight-only quantization of the LLM's decoder layers (torchao): int8 (CPU or CUDA), fp8 "
-                        "(CUDA, compute capability >= 8.9), int4 (CUDA >= 8.0). Less weight memory; int8/fp8 decode "
+                   help="weight-only quantization (torchao) of the LLM's decoder layers: int8 (CPU or CUDA), fp8 "
+                        "(CUDA, compute capability >= 8.9), int4 (CUDA >= 8.0); the vision tower's layers in int8 "
+                        "(fp8 with fp8) and an untied token embedding in int8 rows. Less weight memory; decoding is "
                         "faster only when compiled (--compile-decode) (default: none)")
 
 

@@ -61,15 +61,17 @@ class SlotDecoder(FastDecoder):
             self.keys[i][self._rows[:, None], :, slots[None, :]] = k.permute(0, 2, 1, 3)
             self.values[i][self._rows[:, None], :, slots[None, :]] = v.permute(0, 2, 1, 3)
             return k, v
-        keys, values = self.keys[i, self._row0:self._row0 + b], self.values[i, self._row0:self._row0 + b]
-        if slots.dim() == 1:  # prefill: the same columns for the (one) row
+        if slots.dim() == 1:  # prefill (eager): the same columns for the (one) row
+            keys, values = self.keys[i][self._row0:self._row0 + b], self.values[i][self._row0:self._row0 + b]
             keys.index_copy_(2, slots, k)
             values.index_copy_(2, slots, v)
-        else:  # decode: one new token per row, each at its own column
-            rows, cols = torch.arange(b, device=k.device), slots[:, 0]
-            keys[rows, :, cols] = k[:, :, 0]
-            values[rows, :, cols] = v[:, :, 0]
-        return keys, values
+            return keys, values
+        # decode: one new token per row, each at its own column; index_put_ on the layer's whole tensor (see
+        # FastDecoder.__init__: writing through a view made a compiled step copy the cache)
+        rows, cols = self.rows[:b], slots[:, 0]
+        self.keys[i][rows, :, cols] = k[:, :, 0]
+        self.values[i][rows, :, cols] = v[:, :, 0]
+        return self.keys[i][:b], self.values[i][:b]
 
     def _slot_step(self, width: int, kv_len: int) -> None:
         """Logits of the next token for rows [0, width), attending to columns [0, kv_len): fixed buffers only."""
@@ -135,8 +137,8 @@ class SlotDecoder(FastDecoder):
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Give `dst` the prompt cache of `src` (the n answers of one request share one prefill)."""
-        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
-        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length] = cache[src, :, :length]
         self.pos[dst] = self.pos[src]
 
     @torch.inference_mode()
