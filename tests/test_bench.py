@@ -218,7 +218,7 @@ def test_train_variant_names():
 
 def test_vision_compile_only_for_a_frozen_tower():
     """-vcompile (`compile_vision_layers`): every block of a frozen vision tower compiled, features unchanged; a
-    tower that trains is left alone; `uncompile_decoder_layers` undoes it."""
+    tower that trains is left alone; `uncompile_layers` undoes it."""
     model = build_model(ModelConfig(vision="tiny", qformer="tiny", llm="random:tiny-qwen2"), "cpu").model.eval()
     blocks = list(model.vision_model.encoder.layers)
     pixels = torch.rand(2, 3, 32, 32)
@@ -227,7 +227,7 @@ def test_vision_compile_only_for_a_frozen_tower():
         assert model.compile_vision_layers(backend="eager") == len(blocks) == 2
         assert all(b._compiled_call_impl is not None for b in blocks)
         torch.testing.assert_close(model.qformer_features(pixels), ref)
-    model.uncompile_decoder_layers()
+    model.uncompile_layers()
     assert all(b._compiled_call_impl is None for b in blocks)
     model.vision_model.requires_grad_(True)
     assert model.compile_vision_layers(backend="eager") == 0 and all(b._compiled_call_impl is None for b in blocks)

@@ -164,7 +164,7 @@ def train_setup(model: MiniGPT4Qwen, mode: TrainMode) -> Iterator[None]:
     finally:
         if mode.ckpt:
             model.llm.gradient_checkpointing_disable()
-        model.uncompile_decoder_layers()
+        model.uncompile_layers()
         if undo_liger is not None:
             undo_liger()
         if mode.fp8 != "off":

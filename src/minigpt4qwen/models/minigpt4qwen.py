@@ -114,7 +114,7 @@ class MiniGPT4Qwen(nn.Module):
 
     def compile_decoder_layers(self, backend: str = "inductor", dynamic: bool = True) -> int:
         """`torch.compile` every LLM decoder layer in place (one compiled graph serves all layers: their code and
-        shapes are the same); returns the number of layers. `uncompile_decoder_layers` undoes it."""
+        shapes are the same); returns the number of layers. `uncompile_layers` undoes it."""
         layers = list(self.decoder().layers)
         for layer in layers:
             layer.compile(backend=backend, dynamic=dynamic)
@@ -123,7 +123,7 @@ class MiniGPT4Qwen(nn.Module):
     def compile_vision_layers(self, backend: str = "inductor") -> int:
         """`torch.compile` every block of a frozen vision tower in place (forward only, under no_grad: inductor fuses
         its LayerNorms, GELU, bias adds and layer scales between the matmuls); returns the number of blocks, 0 when the
-        tower trains. `uncompile_decoder_layers` undoes it too."""
+        tower trains. `uncompile_layers` undoes it too."""
         if not self._frozen(self.vision_model):
             return 0
         layers = list(self.vision_model.encoder.layers)
@@ -131,7 +131,7 @@ class MiniGPT4Qwen(nn.Module):
             layer.compile(backend=backend)
         return len(layers)
 
-    def uncompile_decoder_layers(self) -> None:
+    def uncompile_layers(self) -> None:
         for layer in [*self.decoder().layers, *self.vision_model.encoder.layers]:
             layer._compiled_call_impl = None  # what nn.Module.compile() set
 

@@ -123,10 +123,14 @@ class FastDecoder:
                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new K/V (B, heads, T, head_dim) of layer `i` at cache columns `slots`; the rows' whole cache."""
         b = k.shape[0]
-        rows = self.rows[:b, None]
-        self.keys[i][rows, :, slots[None, :]] = k.permute(0, 2, 1, 3)  # index_put_ on the layer's whole tensor
-        self.values[i][rows, :, slots[None, :]] = v.permute(0, 2, 1, 3)
+        self._store(i, self.rows[:b, None], slots[None, :], k, v)
         return self.keys[i][:b], self.values[i][:b]
+
+    def _store(self, i: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V (B, heads, T, head_dim) of layer `i` into cache row rows[b], column cols[b, t] (rows and cols broadcast
+        to (B, T)): one index_put_ on the layer's whole tensor, which a compiled step updates in place."""
+        self.keys[i][rows, :, cols] = k.permute(0, 2, 1, 3)
+        self.values[i][rows, :, cols] = v.permute(0, 2, 1, 3)
 
     def _mlp(self, i: int, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.fused is None or "gate_up" not in self.fused[i]:

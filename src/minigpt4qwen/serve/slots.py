@@ -58,20 +58,12 @@ class SlotDecoder(FastDecoder):
                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = k.shape[0]
         if self._rows is not None:  # whole prompts of several slots from column 0: they attend to themselves only
-            self.keys[i][self._rows[:, None], :, slots[None, :]] = k.permute(0, 2, 1, 3)
-            self.values[i][self._rows[:, None], :, slots[None, :]] = v.permute(0, 2, 1, 3)
+            self._store(i, self._rows[:, None], slots[None, :], k, v)
             return k, v
-        if slots.dim() == 1:  # prefill (eager): the same columns for the (one) row
-            keys, values = self.keys[i][self._row0:self._row0 + b], self.values[i][self._row0:self._row0 + b]
-            keys.index_copy_(2, slots, k)
-            values.index_copy_(2, slots, v)
-            return keys, values
-        # decode: one new token per row, each at its own column; index_put_ on the layer's whole tensor (see
-        # FastDecoder.__init__: writing through a view made a compiled step copy the cache)
-        rows, cols = self.rows[:b], slots[:, 0]
-        self.keys[i][rows, :, cols] = k[:, :, 0]
-        self.values[i][rows, :, cols] = v[:, :, 0]
-        return self.keys[i][:b], self.values[i][:b]
+        # prefill: one slot's row, the same columns (1-D); decode: one new token per row at its own column (B, 1)
+        first = self._row0
+        self._store(i, self.rows[first:first + b, None], slots[None, :] if slots.dim() == 1 else slots, k, v)
+        return self.keys[i][first:first + b], self.values[i][first:first + b]
 
     def _slot_step(self, width: int, kv_len: int) -> None:
         """Logits of the next token for rows [0, width), attending to columns [0, kv_len): fixed buffers only."""
